@@ -1,0 +1,212 @@
+"""The Flower ClientApp that runs at each hospital site.
+
+The handlers are thin: they find the site's YAML, parse the message, call the plain
+functions of ``client.training``, check the reply against the model spec, write it
+to the site's audit log, and send it. Only parameter tensors named by the model spec
+and scalar metrics leave the site.
+
+Which site a ClientApp serves comes from the node config:
+
+- ``site-config``: path of the site YAML (deployment: ``unicon site start`` sets it);
+- otherwise ``partition-id`` picks the n-th YAML (sorted by name) of the folder named
+  by the run config's ``sites-dir`` (``flwr run`` simulation), or of the list given
+  to ``create_client_app`` (``unicon simulate``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.audit import AuditLog, check_reply
+from client.frozen_cache import FrozenCache
+from client.privacy import DPConfig
+from client.site_privacy import SiteDP
+from client.site_config import SiteConfig, load_site_config
+from client.training import (
+    LocalTrainingError,
+    StageRequest,
+    evaluate_tasks,
+    site_fisher,
+    task_counts,
+    train_local,
+)
+from unicon_model import wire
+from unicon_model.log import get_logger
+from unicon_model.model import UniconModel
+from unicon_model.serialization import build_model
+
+logger = get_logger(__name__)
+
+
+class SiteResolutionError(RuntimeError):
+    """The node config does not say which site YAML this ClientApp serves."""
+
+
+def resolve_site_file(context: Context, site_files: Sequence[Path] | None) -> Path:
+    """Return the site YAML this ClientApp serves (see the module docstring)."""
+    node_config = context.node_config
+    if "site-config" in node_config:
+        return Path(str(node_config["site-config"]))
+    if "partition-id" not in node_config:
+        raise SiteResolutionError(
+            "the node config has neither 'site-config' nor 'partition-id'; start the SuperNode with "
+            "--node-config 'site-config=\"/path/to/site.yaml\"' (unicon site start does this)"
+        )
+    partition = int(node_config["partition-id"])
+    files = list(site_files or [])
+    if not files:
+        sites_dir = Path(str(context.run_config.get("sites-dir", "")))
+        files = sorted(sites_dir.glob("*.yaml")) if sites_dir.is_dir() else []
+        if not files:
+            raise SiteResolutionError(
+                f"run config sites-dir={str(sites_dir)!r} holds no site YAML files; point it at a folder "
+                "of site YAMLs (unicon simulate writes one under its output folder)"
+            )
+    if partition >= len(files):
+        raise SiteResolutionError(
+            f"partition-id {partition} has no site: only {len(files)} site YAML files; run with "
+            f"num-supernodes={len(files)}"
+        )
+    return files[partition]
+
+
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def _to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    record = ArrayRecord()
+    for name in sorted(tensors):
+        record[name] = Array(np.ascontiguousarray(tensors[name].detach().cpu().numpy()))
+    return record
+
+
+def _rebuild_model(site: SiteConfig, request: StageRequest, message: Message) -> tuple[UniconModel, list[str]]:
+    """Build the model of the spec from cached frozen groups plus the tensors received."""
+    cache = FrozenCache(site.state_dir)
+    content = message.content
+    if wire.FROZEN in content.array_records:
+        cache.store(_tensors(content.array_records[wire.FROZEN]), request.frozen_groups)
+    state = cache.load(request.frozen_groups)
+    trainable_names: list[str] = []
+    if wire.TRAINABLE in content.array_records:
+        received = _tensors(content.array_records[wire.TRAINABLE])
+        trainable_names = sorted(received)
+        state.update(received)
+    model = build_model(request.model_spec)
+    model.load_state_dict(state, strict=True)
+    return model, trainable_names
+
+
+def _reply(
+    message: Message,
+    site: SiteConfig,
+    request: StageRequest | None,
+    arrays: dict[str, ArrayRecord],
+    metrics: dict[str, float | int],
+    reasons: dict[str, str],
+    allowed_shapes: dict[str, tuple[int, ...]],
+) -> Message:
+    """Check, audit and build a reply; nothing outside the model spec leaves the site."""
+    flat = {name: array.numpy() for record in arrays.values() for name, array in record.items()}
+    check_reply(flat, allowed_shapes, metrics)
+    AuditLog(site.state_dir).append(
+        run_id=request.run_id if request else "-",
+        stage=request.stage if request else "-",
+        server_round=request.server_round if request else 0,
+        message_type=message.metadata.message_type,
+        arrays=flat,
+        metrics=metrics,
+    )
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
+    for key, record in arrays.items():
+        content[key] = record
+    if reasons:
+        content[wire.REASONS] = ConfigRecord(reasons)
+    return Message(content=content, reply_to=message)
+
+
+def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
+    """Create the ClientApp; ``site_files`` maps partition ids to site YAMLs in simulation."""
+    app = ClientApp()
+    torch.set_num_threads(int(os.environ.get("UNICON_TORCH_THREADS", "1")))
+
+    def load_site(context: Context) -> SiteConfig:
+        return load_site_config(resolve_site_file(context, site_files))
+
+    @app.query("site_info")
+    def site_info(message: Message, context: Context) -> Message:
+        site = load_site(context)
+        tasks = [str(t) for t in message.content[wire.CONFIG].get("tasks", [])]  # type: ignore[union-attr]
+        counts = task_counts(site, tasks)
+        info = ConfigRecord({"site": site.site, "cached-groups": FrozenCache(site.state_dir).hashes()})
+        content = RecordDict({wire.SITE_INFO: info, wire.METRICS: MetricRecord(counts)})
+        logger.info("site=%s reported data for %s", site.site, sorted(counts))
+        return Message(content=content, reply_to=message)
+
+    @app.train("stage")
+    def train(message: Message, context: Context) -> Message:
+        site = load_site(context)
+        request = StageRequest.from_config(message.content[wire.CONFIG])
+        model, trainable_names = _rebuild_model(site, request, message)
+        records = message.content.array_records
+        reference = _tensors(records[wire.REFERENCE]) if wire.REFERENCE in records else None
+        fisher = _tensors(records[wire.FISHER]) if wire.FISHER in records else None
+        dp_config = DPConfig.from_mapping(site.privacy, site.source)
+        dp = SiteDP(site, request, dp_config, request.total_rounds) if dp_config is not None and dp_config.enabled else None
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        if dp is not None:
+            declined = dp.plan(num_train=task_counts(site, [request.task]).get(f"{request.task}.num-train", 0))
+            if declined is not None:
+                logger.warning("site=%s stage=%s round=%d declined: %s", site.site, request.stage, request.server_round, declined)
+                return _reply(message, site, request, {}, {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
+                              {wire.DECLINED: declined}, shapes)
+        try:
+            result = train_local(model, site, request, trainable_names, reference, fisher, dp_hook=dp)
+        except LocalTrainingError as error:
+            logger.error("site=%s stage=%s round=%d: %s", site.site, request.stage, request.server_round, error)
+            return _reply(message, site, request, {}, {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
+                          {wire.DECLINED: str(error)}, shapes)
+        metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: result.num_examples, **result.metrics}
+        if dp is not None:
+            metrics.update(dp.record())
+        logger.info(
+            "site=%s stage=%s round=%d trained on %d examples: %s",
+            site.site, request.stage, request.server_round, result.num_examples,
+            {k: round(v, 4) for k, v in result.metrics.items()},
+        )
+        return _reply(message, site, request, {wire.TRAINABLE: _to_record(result.trainable)}, metrics,
+                      result.undefined, shapes)
+
+    @app.query("fisher")
+    def fisher(message: Message, context: Context) -> Message:
+        site = load_site(context)
+        request = StageRequest.from_config(message.content[wire.CONFIG])
+        model, _ = _rebuild_model(site, request, message)
+        shared = model.trainable_sets(request.task, finetune_shared=True).shared
+        values, count = site_fisher(model, site, request, shared)
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        return _reply(message, site, request, {wire.FISHER: _to_record(values)},
+                      {wire.NUM_EXAMPLES: count}, {}, shapes)
+
+    @app.evaluate("tasks")
+    def evaluate(message: Message, context: Context) -> Message:
+        site = load_site(context)
+        request = StageRequest.from_config(message.content[wire.CONFIG])
+        model, _ = _rebuild_model(site, request, message)
+        metrics, undefined = evaluate_tasks(model, site, request)
+        logger.info("site=%s stage=%s evaluated: %s", site.site, request.stage, {k: round(v, 4) for k, v in metrics.items()})
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        return _reply(message, site, request, {}, dict(metrics), undefined, shapes)
+
+    return app
+
+
+app = create_client_app()

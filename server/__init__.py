@@ -1,0 +1,1 @@
+"""The coordinating server: curriculum, partial-parameter strategy, registry, admin commands."""

@@ -1,0 +1,122 @@
+"""Admin operations on a registry: status, and export of one task for inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from server.registry import Registry, RegistryError, write_json_atomic
+from unicon_model.metrics import AccuracyMatrix, MetricValue
+from unicon_model.serialization import build_model, save_model
+from unicon_model.spec import ModelSpec
+
+
+def registry_status(registry_dir: Path) -> dict[str, Any]:
+    """Collect the stages done, their versions, metrics per task and forgetting."""
+    registry = Registry(registry_dir)
+    versions = registry.versions()
+    latest = registry.latest()
+    status: dict[str, Any] = {
+        "registry": str(registry_dir),
+        "latest": latest.name if latest else None,
+        "versions": [],
+        "accuracy_matrix": None,
+    }
+    for info in versions:
+        metrics = registry.read_json(info, "metrics.json")
+        status["versions"].append(
+            {
+                "version": info.name,
+                "stage": info.stage,
+                "version_id": info.version_id,
+                "created": info.created,
+                "sites": metrics.get("sites", []),
+                "pooled": metrics.get("pooled", {}),
+            }
+        )
+    if latest is not None:
+        matrix = AccuracyMatrix.from_rows(registry.read_json(latest, "accuracy_matrix.json")["rows"])
+        status["accuracy_matrix"] = matrix.to_rows()
+        status["backward_transfer"] = _plain(matrix.backward_transfer())
+        status["forgetting"] = {t: _plain(v) for t, v in matrix.forgetting().items()}
+    return status
+
+
+def _plain(value: MetricValue) -> dict[str, Any]:
+    return {"value": value.value, "reason": value.reason}
+
+
+def _cell(value: MetricValue) -> str:
+    return "-" if value.value is None else f"{value.value:.3f}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Render ``registry_status`` as a readable text table."""
+    if not status["versions"]:
+        return f"Registry {status['registry']}: no completed stage yet."
+    lines = [f"Registry {status['registry']} (latest: {status['latest']})", ""]
+    lines.append(f"{'version':<22} {'stage':<14} {'id':<14} {'created':<21} sites")
+    for version in status["versions"]:
+        lines.append(
+            f"{version['version']:<22} {version['stage']:<14} {version['version_id'][:12]:<14} "
+            f"{version['created']:<21} {', '.join(version['sites'])}"
+        )
+    matrix = AccuracyMatrix.from_rows(status["accuracy_matrix"])
+    lines += ["", "Accuracy matrix (rows: after stage; columns: task; AUC, C-index or Dice)"]
+    width = max(12, *(len(t) + 2 for t in matrix.tasks))
+    lines.append(f"{'after stage':<14}" + "".join(f"{t:>{width}}" for t in matrix.tasks))
+    for stage in matrix.stages:
+        lines.append(f"{stage:<14}" + "".join(f"{_cell(matrix.get(stage, t)):>{width}}" for t in matrix.tasks))
+    bwt = status["backward_transfer"]
+    lines.append("")
+    lines.append(
+        "Backward transfer: "
+        + (f"{bwt['value']:.4f}" if bwt["value"] is not None else f"undefined ({bwt['reason']})")
+    )
+    forgetting = ", ".join(
+        f"{t} {v['value']:.4f}" if v["value"] is not None else f"{t} undefined"
+        for t, v in status["forgetting"].items()
+    )
+    lines.append(f"Forgetting per task: {forgetting}")
+    return "\n".join(lines)
+
+
+def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
+    """Write the spec and weights a hospital needs to run one task for inference.
+
+    The exported model holds the backbone, the task's stem, adapters and head only;
+    other tasks' modules are left out, and ``depends_on`` is dropped because the
+    task already holds its own copy of what it started from.
+    """
+    registry = Registry(registry_dir)
+    latest = registry.latest()
+    if latest is None:
+        raise RegistryError(f"{registry_dir}: the registry holds no version yet; run a stage first")
+    model = registry.load_model(latest)
+    spec = model.spec
+    chosen = [t for t in spec.tasks if t.name == task]
+    if not chosen:
+        raise RegistryError(
+            f"task {task!r} is not in version {latest.name}; tasks are {[t.name for t in spec.tasks]}"
+        )
+    single = ModelSpec(backbone=spec.backbone, tasks=(dataclasses.replace(chosen[0], depends_on=None),))
+    exported = build_model(single)
+    source = model.state_dict()
+    target = exported.state_dict()
+    missing = [k for k in target if k not in source]
+    if missing:
+        raise RegistryError(f"version {latest.name} lacks parameters {missing[:5]} of task {task!r}")
+    exported.load_state_dict({k: source[k] for k in target})
+    save_model(exported, out_dir)
+    write_json_atomic(
+        out_dir / "export.json",
+        {"task": task, "from_version": latest.name, "version_id": latest.version_id},
+    )
+    return out_dir
+
+
+def status_json(registry_dir: Path) -> str:
+    """Return ``registry_status`` as indented JSON."""
+    return json.dumps(registry_status(registry_dir), indent=2)

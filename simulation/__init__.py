@@ -1,0 +1,1 @@
+"""Whole federations on one machine: generated and real virtual sites, presets, reports."""

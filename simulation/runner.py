@@ -1,0 +1,154 @@
+"""Running a whole federation on one machine through Flower's simulation engine.
+
+The ServerApp and ClientApp are the ones hospitals deploy; only their settings are
+passed in directly (``create_server_app(settings)``, ``create_client_app(sites)``)
+because ``flwr.simulation.run_simulation`` hands the apps an empty run config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from client.site_config import load_site_config
+from client.validation import check_site
+from server.app import ServerSettings, create_server_app
+from server.curriculum import load_curriculum
+from simulation.presets import PresetOptions, resolve_preset
+from unicon_model.log import configure_logging, get_logger
+
+logger = get_logger(__name__)
+
+
+class SimulationError(RuntimeError):
+    """A simulation that could not start or finish, with the fix."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method run on the same sites: the UNICON setting or a baseline."""
+
+    name: str
+    label: str
+    train: str = "new"
+    consolidation: str = "none"
+    isolated: bool = False
+
+
+UNICON = Variant("unicon", "UNICON (frozen backbone, new adapters and heads)")
+BASELINES = (
+    Variant("sequential", "sequential fine-tuning (shared parameters train, no consolidation)", train="shared"),
+    Variant("isolated", "isolated per-task models (no transfer)", isolated=True),
+)
+
+
+@dataclass
+class SimulationResult:
+    """Where a simulation wrote its outputs."""
+
+    out_dir: Path
+    registries: dict[str, Path] = field(default_factory=dict)
+    wall_time_s: dict[str, float] = field(default_factory=dict)
+    site_files: list[Path] = field(default_factory=list)
+
+
+def _variant_curriculum(raw: dict, variant: Variant) -> list[dict]:  # type: ignore[type-arg]
+    """Return one or more curricula (isolated: one per stage) for a variant."""
+    raw = {**raw, "defaults": {**raw.get("defaults", {})}}
+    if variant.isolated:
+        curricula = []
+        for stage in raw["stages"]:
+            task = {k: v for k, v in stage["task"].items() if k != "depends_on"}
+            curricula.append({**raw, "name": f"{raw.get('name', 'curriculum')}-{stage['name']}", "stages": [{**stage, "task": task}]})
+        return curricula
+    raw["defaults"]["train"] = variant.train
+    raw["defaults"]["consolidation"] = variant.consolidation
+    return [raw]
+
+
+def _run_flower(curriculum_file: Path, registry: Path, site_files: list[Path], run_id: str) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+
+    settings = ServerSettings(curriculum=curriculum_file, registry=registry, run_id=run_id)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, min(len(site_files), os.cpu_count() or 1)), "include_dashboard": False},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=create_server_app(settings),
+            client_app=create_client_app(site_files),
+            num_supernodes=len(site_files),
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    from server.registry import Registry
+
+    versions = Registry(registry).versions()
+    expected = len(load_curriculum(curriculum_file).stages)
+    if len(versions) < expected:
+        raise SimulationError(
+            f"the federation stopped after {len(versions)} of {expected} stages; see the log in "
+            f"{registry.parent / 'simulation.log'} for the stage that failed"
+        )
+
+
+def check_sites(site_files: list[Path]) -> None:
+    """Run ``unicon site check`` on every site before round 1; raise on the first unusable one."""
+    for path in site_files:
+        report = check_site(load_site_config(path))
+        if not report.ok:
+            raise SimulationError(f"site {path} failed its check:\n{report.to_text()}")
+        logger.info("site check passed: %s", path)
+
+
+def run_preset(
+    preset_name: str,
+    options: PresetOptions,
+    compare: bool = False,
+) -> SimulationResult:
+    """Build the preset's sites, run the federation (and baselines), write the report."""
+    preset = resolve_preset(preset_name, options)
+    out = options.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    configure_logging(log_file=out / "simulation.log")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    result = SimulationResult(out_dir=out)
+
+    started = time.monotonic()
+    if options.sites_dir is not None:
+        site_files = sorted(options.sites_dir.glob("*.yaml"))
+        if not site_files:
+            raise SimulationError(f"--sites-dir {options.sites_dir}: no site YAML files found")
+    else:
+        site_files = preset.build_sites(options, out / "sites")
+    result.site_files = site_files
+    logger.info("preset %s: %d sites built in %.1f s", preset_name, len(site_files), time.monotonic() - started)
+    check_sites(site_files)
+
+    raw = preset.curriculum(options)
+    variants = [UNICON, *(BASELINES if compare else ())]
+    for variant in variants:
+        variant_start = time.monotonic()
+        for part, curriculum_raw in enumerate(_variant_curriculum(raw, variant)):
+            suffix = f"-{part}" if variant.isolated else ""
+            curriculum_file = out / f"curriculum-{variant.name}{suffix}.yaml"
+            curriculum_file.write_text(yaml.safe_dump(curriculum_raw, sort_keys=False), encoding="utf-8")
+            registry = out / ("registry" if variant is UNICON else f"baselines/{variant.name}{suffix}/registry")
+            logger.info("variant %s: running %s", variant.name, curriculum_file.name)
+            _run_flower(curriculum_file, registry, site_files, run_id=f"{preset_name}-{variant.name}{suffix}")
+            result.registries[f"{variant.name}{suffix}"] = registry
+        result.wall_time_s[variant.name] = round(time.monotonic() - variant_start, 1)
+
+    from simulation.report import write_report
+
+    write_report(result, preset_name, raw, variants)
+    logger.info("report written to %s", out / "report.md")
+    return result

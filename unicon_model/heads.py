@@ -1,0 +1,99 @@
+"""Task heads: pooled heads for classification and prognosis, a light decoder for segmentation.
+
+Every head takes the list of encoder feature maps (finest first) and is built only from
+layers Opacus supports (Conv3d, Linear, GroupNorm or InstanceNorm, parameter-free ops).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unicon_model.backbone import make_norm
+from unicon_model.spec import BackboneConfig, TaskSpec
+
+
+class PooledHead(nn.Module):
+    """Average- and max-pool the activated deepest features, then a linear layer.
+
+    Used for classification (class logits) and prognosis (discrete hazard logits, or one
+    Cox log-risk when the task has no time bins). There is deliberately no normalization
+    before pooling: GroupNorm or InstanceNorm would rescale each case on its own and erase
+    differences in overall intensity and lesion size that the label may depend on. Max
+    pooling keeps a small focal finding visible next to the average.
+
+    Parameters
+    ----------
+    config : BackboneConfig
+        Gives the channels ``C`` of the deepest level.
+    num_outputs : int
+        Width ``K`` of the output.
+    """
+
+    def __init__(self, config: BackboneConfig, num_outputs: int) -> None:
+        super().__init__()
+        channels = config.level_channels[-1]
+        self.act = nn.ReLU(inplace=False)
+        self.fc = nn.Linear(2 * channels, num_outputs)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Map the deepest feature map ``(B, C, d, h, w)`` to logits ``(B, K)``."""
+        activated = self.act(features[-1]).flatten(2)  # (B, C, d * h * w)
+        pooled = torch.cat([activated.mean(dim=2), activated.amax(dim=2)], dim=1)  # (B, 2C)
+        return self.fc(pooled)
+
+
+class SegmentationHead(nn.Module):
+    """Light top-down decoder with additive skip connections from every encoder level.
+
+    Each level is projected to ``init_filters`` channels by a 1x1x1 convolution; from the
+    deepest level up, the running map is upsampled (trilinear) to the next finer level,
+    added to that level's projection and refined by ``norm -> ReLU -> 3x3x3 conv``. A final
+    ``norm -> ReLU -> 1x1x1 conv`` gives class logits at input resolution. Keeping every
+    decoder level at ``init_filters`` channels holds the head small even for the ``ctfm``
+    encoder (about 0.15 M parameters there).
+
+    Parameters
+    ----------
+    config : BackboneConfig
+        Encoder layout.
+    num_classes : int
+        Classes including background.
+    """
+
+    def __init__(self, config: BackboneConfig, num_classes: int) -> None:
+        super().__init__()
+        width = config.init_filters
+        self.lateral = nn.ModuleList(
+            nn.Conv3d(channels, width, kernel_size=1) for channels in config.level_channels
+        )
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                make_norm(config, width),
+                nn.ReLU(inplace=False),
+                nn.Conv3d(width, width, kernel_size=3, padding=1, bias=False),
+            )
+            for _ in range(config.num_levels - 1)
+        )
+        self.final = nn.Sequential(
+            make_norm(config, width),
+            nn.ReLU(inplace=False),
+            nn.Conv3d(width, num_classes, kernel_size=1),
+        )
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Map encoder features to logits ``(B, K, D, H, W)`` at the finest level's size."""
+        out = self.lateral[-1](features[-1])
+        for level in reversed(range(len(features) - 1)):
+            skip = self.lateral[level](features[level])
+            out = F.interpolate(out, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            out = self.blocks[level](out + skip)
+        return self.final(out)
+
+
+def build_head(task: TaskSpec, config: BackboneConfig) -> nn.Module:
+    """Build the head of ``task`` for an encoder with layout ``config``."""
+    if task.kind == "segmentation":
+        return SegmentationHead(config, task.num_classes)
+    return PooledHead(config, task.num_outputs)
