@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.audit import AuditLog, check_reply
 from client.frozen_cache import FrozenCache
 from client.privacy import DPConfig
-from client.site_privacy import SiteDP
 from client.site_config import SiteConfig, load_site_config
+from client.site_privacy import SiteDP
 from client.training import (
     LocalTrainingError,
     StageRequest,
@@ -88,7 +89,9 @@ def _to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return record
 
 
-def _rebuild_model(site: SiteConfig, request: StageRequest, message: Message) -> tuple[UniconModel, list[str]]:
+def _rebuild_model(
+    site: SiteConfig, request: StageRequest, message: Message
+) -> tuple[UniconModel, list[str]]:
     """Build the model of the spec from cached frozen groups plus the tensors received."""
     cache = FrozenCache(site.state_dir)
     content = message.content
@@ -125,17 +128,27 @@ def _reply(
         arrays=flat,
         metrics=metrics,
     )
-    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
+    content = RecordDict({wire.METRICS: MetricRecord(dict(metrics.items()))})
     for key, record in arrays.items():
         content[key] = record
     if reasons:
-        content[wire.REASONS] = ConfigRecord(reasons)
+        content[wire.REASONS] = ConfigRecord(dict(reasons.items()))
     return Message(content=content, reply_to=message)
 
 
-def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
-    """Create the ClientApp; ``site_files`` maps partition ids to site YAMLs in simulation."""
-    app = ClientApp()
+def create_client_app(
+    site_files: Sequence[Path] | None = None, mods: Sequence[Mod] = ()
+) -> ClientApp:
+    """Create the ClientApp.
+
+    Parameters
+    ----------
+    site_files : sequence of Path, optional
+        Site YAMLs indexed by ``partition-id`` (simulation).
+    mods : sequence of Flower mods
+        Flower client mods wrapped around every handler, outermost first.
+    """
+    app = ClientApp(mods=list(mods))
     torch.set_num_threads(int(os.environ.get("UNICON_TORCH_THREADS", "1")))
 
     def load_site(context: Context) -> SiteConfig:
@@ -146,8 +159,12 @@ def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
         site = load_site(context)
         tasks = [str(t) for t in message.content[wire.CONFIG].get("tasks", [])]  # type: ignore[union-attr]
         counts = task_counts(site, tasks)
-        info = ConfigRecord({"site": site.site, "cached-groups": FrozenCache(site.state_dir).hashes()})
-        content = RecordDict({wire.SITE_INFO: info, wire.METRICS: MetricRecord(counts)})
+        info = ConfigRecord(
+            {"site": site.site, "cached-groups": FrozenCache(site.state_dir).hashes()}
+        )
+        content = RecordDict(
+            {wire.SITE_INFO: info, wire.METRICS: MetricRecord(dict(counts.items()))}
+        )
         logger.info("site=%s reported data for %s", site.site, sorted(counts))
         return Message(content=content, reply_to=message)
 
@@ -160,30 +177,74 @@ def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
         reference = _tensors(records[wire.REFERENCE]) if wire.REFERENCE in records else None
         fisher = _tensors(records[wire.FISHER]) if wire.FISHER in records else None
         dp_config = DPConfig.from_mapping(site.privacy, site.source)
-        dp = SiteDP(site, request, dp_config, request.total_rounds) if dp_config is not None and dp_config.enabled else None
+        dp = (
+            SiteDP(site, request, dp_config, request.total_rounds)
+            if dp_config is not None and dp_config.enabled
+            else None
+        )
         shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         if dp is not None:
-            declined = dp.plan(num_train=task_counts(site, [request.task]).get(f"{request.task}.num-train", 0))
+            declined = dp.plan(
+                num_train=task_counts(site, [request.task]).get(f"{request.task}.num-train", 0)
+            )
             if declined is not None:
-                logger.warning("site=%s stage=%s round=%d declined: %s", site.site, request.stage, request.server_round, declined)
-                return _reply(message, site, request, {}, {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
-                              {wire.DECLINED: declined}, shapes)
+                logger.warning(
+                    "site=%s stage=%s round=%d declined: %s",
+                    site.site,
+                    request.stage,
+                    request.server_round,
+                    declined,
+                )
+                return _reply(
+                    message,
+                    site,
+                    request,
+                    {},
+                    {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
+                    {wire.DECLINED: declined},
+                    shapes,
+                )
         try:
-            result = train_local(model, site, request, trainable_names, reference, fisher, dp_hook=dp)
+            result = train_local(
+                model, site, request, trainable_names, reference, fisher, dp_hook=dp
+            )
         except LocalTrainingError as error:
-            logger.error("site=%s stage=%s round=%d: %s", site.site, request.stage, request.server_round, error)
-            return _reply(message, site, request, {}, {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
-                          {wire.DECLINED: str(error)}, shapes)
+            logger.error(
+                "site=%s stage=%s round=%d: %s",
+                site.site,
+                request.stage,
+                request.server_round,
+                error,
+            )
+            return _reply(
+                message,
+                site,
+                request,
+                {},
+                {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
+                {wire.DECLINED: str(error)},
+                shapes,
+            )
         metrics: dict[str, float | int] = {wire.NUM_EXAMPLES: result.num_examples, **result.metrics}
         if dp is not None:
             metrics.update(dp.record())
         logger.info(
             "site=%s stage=%s round=%d trained on %d examples: %s",
-            site.site, request.stage, request.server_round, result.num_examples,
+            site.site,
+            request.stage,
+            request.server_round,
+            result.num_examples,
             {k: round(v, 4) for k, v in result.metrics.items()},
         )
-        return _reply(message, site, request, {wire.TRAINABLE: _to_record(result.trainable)}, metrics,
-                      result.undefined, shapes)
+        return _reply(
+            message,
+            site,
+            request,
+            {wire.TRAINABLE: _to_record(result.trainable)},
+            metrics,
+            result.undefined,
+            shapes,
+        )
 
     @app.query("fisher")
     def fisher(message: Message, context: Context) -> Message:
@@ -193,8 +254,15 @@ def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
         shared = model.trainable_sets(request.task, finetune_shared=True).shared
         values, count = site_fisher(model, site, request, shared)
         shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-        return _reply(message, site, request, {wire.FISHER: _to_record(values)},
-                      {wire.NUM_EXAMPLES: count}, {}, shapes)
+        return _reply(
+            message,
+            site,
+            request,
+            {wire.FISHER: _to_record(values)},
+            {wire.NUM_EXAMPLES: count},
+            {},
+            shapes,
+        )
 
     @app.evaluate("tasks")
     def evaluate(message: Message, context: Context) -> Message:
@@ -202,7 +270,12 @@ def create_client_app(site_files: Sequence[Path] | None = None) -> ClientApp:
         request = StageRequest.from_config(message.content[wire.CONFIG])
         model, _ = _rebuild_model(site, request, message)
         metrics, undefined = evaluate_tasks(model, site, request)
-        logger.info("site=%s stage=%s evaluated: %s", site.site, request.stage, {k: round(v, 4) for k, v in metrics.items()})
+        logger.info(
+            "site=%s stage=%s evaluated: %s",
+            site.site,
+            request.stage,
+            {k: round(v, 4) for k, v in metrics.items()},
+        )
         shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         return _reply(message, site, request, {}, dict(metrics), undefined, shapes)
 

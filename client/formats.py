@@ -1,10 +1,9 @@
 """Readers of the dataset formats a site can declare: CSV manifest, Decathlon, nnU-Net v2.
 
 Each reader turns a dataset into ``CaseRecord`` rows without decoding any image.
-``parse_cases`` also returns the manifest's issues (missing columns, duplicate
+``parse_cases`` also returns every issue of the manifest (missing columns, duplicate
 case ids, a patient in two splits, invalid survival rows ...), so that
-``unicon site check`` can report all of them; ``read_cases`` raises on the first
-error instead.
+``unicon site check`` can report all of them. ``read_cases`` raises instead.
 
 CSV manifest columns (paths relative to the manifest file, or absolute):
 
@@ -19,14 +18,15 @@ CSV manifest columns (paths relative to the manifest file, or absolute):
 ``split``         optional: ``train``, ``val`` or ``test``, in every row or in none
 ================  =========================================================
 
-Decathlon (``msd``) and nnU-Net v2 (``nnunet``) datasets are read as they are;
-their cases have no patient id, so the case id serves as patient id.
+Decathlon (``msd``) and nnU-Net v2 (``nnunet``) datasets are read as they are.
+Their cases have no patient id, so the case id serves as patient id.
 """
 
 from __future__ import annotations
 
 import csv
 import difflib
+import io
 import json
 import math
 import os
@@ -187,7 +187,7 @@ def _read_csv_rows(path: Path, issues: list[Issue]) -> list[dict[str, str]] | No
     first_line = text.splitlines()[0] if text.strip() else ""
     # Spreadsheets in many locales save CSV with ';' between fields.
     delimiter = ";" if first_line.count(";") > first_line.count(",") else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     if not reader.fieldnames:
         issues.append(RULES["manifest-unreadable"].issue(path, "header", "empty file"))
         return None
@@ -283,7 +283,9 @@ def _parse_csv_row(
         if not valid:
             limit = f"0..{num_classes - 1}" if num_classes is not None else "integers >= 0"
             issues.append(
-                RULES["invalid-class"].issue(path, where("class"), row["class"], f"allowed: {limit}")
+                RULES["invalid-class"].issue(
+                    path, where("class"), row["class"], f"allowed: {limit}"
+                )
             )
 
     time = event = None
@@ -364,7 +366,9 @@ def _load_dataset_json(path: Path, issues: list[Issue]) -> dict[str, Any] | None
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        issues.append(RULES["dataset-json-invalid"].issue(path, "dataset.json", path.name, str(error)))
+        issues.append(
+            RULES["dataset-json-invalid"].issue(path, "dataset.json", path.name, str(error))
+        )
         return None
     if not isinstance(document, dict):
         issues.append(

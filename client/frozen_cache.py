@@ -35,7 +35,9 @@ class FrozenCache:
         """Return the hashes of every group held, sorted."""
         if not self.folder.is_dir():
             return []
-        return sorted(p.name.removesuffix(".safetensors") for p in self.folder.glob("*.safetensors"))
+        return sorted(
+            p.name.removesuffix(".safetensors") for p in self.folder.glob("*.safetensors")
+        )
 
     def store(self, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, str]) -> None:
         """Split ``tensors`` into groups, check each group's hash, and store it.

@@ -21,12 +21,13 @@ import gzip
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 from scipy import ndimage
 
 from unicon_model.log import get_logger
@@ -50,8 +51,8 @@ MODALITY_CHANNELS: dict[str, tuple[str, ...]] = {
 }
 
 
-class Severity(str, Enum):
-    """How a fault affects a case: errors reject it; warnings and fixes let it through."""
+class Severity(StrEnum):
+    """Severity of a fault: errors reject the case, warnings and fixes let it through."""
 
     ERROR = "error"
     WARNING = "warning"
@@ -174,6 +175,13 @@ RULES: dict[str, FaultRule] = {
             "export one static 3D frame (for PET the static or summed frame, in SUV)",
         ),
         FaultRule(
+            "no-orientation", _W,
+            "header has qform_code and sform_code 0, so orientation and origin are guessed "
+            "from the voxel sizes and pairing by affine may be wrong",
+            "convert the study again with a tool that writes the scanner orientation "
+            "(for example dcm2niix)",
+        ),
+        FaultRule(
             "label-scaling", _E,
             "label file has scl_slope/scl_inter scaling, so its voxel values are not the "
             "stored integers",
@@ -293,7 +301,7 @@ class Volume:
     role : str
         ``ct``, ``pet`` or ``label``.
     array : np.ndarray
-        ``(X, Y, Z)``; float32 for images (scaling applied), int64 for labels.
+        ``(X, Y, Z)``; float32 for images (scaling applied), an integer dtype for labels.
     affine : np.ndarray
         ``(4, 4)`` voxel index -> RAS+ world millimetres.
     """
@@ -314,8 +322,8 @@ class LoadedCase:
         ``(C, X, Y, Z)`` float32; channels in ``MODALITY_CHANNELS`` order (CT first).
         None when an error rejected the case.
     label : np.ndarray or None
-        ``(X, Y, Z)`` int64 task classes after the label map, on the image grid; None for
-        tasks without masks or when an error rejected the case.
+        ``(X, Y, Z)`` integer task classes after the label map, on the image grid; None
+        for tasks without masks or when an error rejected the case.
     affine : np.ndarray or None
         ``(4, 4)`` affine of the reference grid (the CT for PET/CT).
     issues : list[Issue]
@@ -391,7 +399,7 @@ def _parse_nifti(
         )
         return None
 
-    proxy = image.dataobj
+    proxy = cast(ArrayProxy, image.dataobj)
     expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
     if len(content) < expected:
         issues.append(
@@ -444,7 +452,7 @@ def decode_volume(path: Path, role: str, issues: list[Issue], field: str = "") -
     -------
     Volume or None
         Images as float32 with ``scl_slope``/``scl_inter`` applied (slope 0 or NaN
-        means no scaling, as the NIfTI standard says); labels as int64 after the
+        means no scaling, as the NIfTI-1 standard defines). Labels as integers after the
         rounding rule. None when an error rule fired.
     """
     field = field or role
@@ -458,7 +466,11 @@ def decode_volume(path: Path, role: str, issues: list[Issue], field: str = "") -
     if shape3 is None:
         return None
 
-    proxy = image.dataobj
+    header = image.header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        issues.append(RULES["no-orientation"].issue(path, "qform_code/sform_code", "0/0"))
+
+    proxy = cast(ArrayProxy, image.dataobj)
     slope, inter = float(proxy.slope), float(proxy.inter)
     if role == "label":
         if slope != 1.0 or inter != 0.0:
@@ -503,9 +515,9 @@ def _check_finite(path: Path, field: str, array: np.ndarray, issues: list[Issue]
 def _check_pet_overflow(path: Path, field: str, array: np.ndarray, issues: list[Issue]) -> bool:
     """Reject PET whose strongly negative voxels touch high uptake (wrapped integers).
 
-    Activity cannot be negative. Reconstruction noise gives small negative values
-    (clipped later); a value below -25 % of the maximum that touches a voxel above
-    50 % of the maximum is a hot spot whose stored integer wrapped around.
+    Activity cannot be negative, but reconstruction noise gives small negative values,
+    which preprocessing clips. A value below -25 % of the maximum that touches a voxel
+    above 50 % of the maximum is a hot spot whose stored integer wrapped around.
     """
     peak = float(array.max())
     if peak <= 0.0:
@@ -529,9 +541,12 @@ def _check_pet_overflow(path: Path, field: str, array: np.ndarray, issues: list[
 def _decode_label_values(
     path: Path, field: str, raw: np.ndarray, issues: list[Issue]
 ) -> np.ndarray | None:
-    """Return label values as int64, rounding near-integer floats (warning)."""
+    """Return label values as integers, rounding near-integer floats (warning).
+
+    Integer files keep their dtype, so that large masks are not copied to int64.
+    """
     if raw.dtype.kind in "iub":
-        return raw.astype(np.int64)
+        return raw
     if not _check_finite(path, field, raw, issues):
         return None
     rounded = np.rint(raw)
@@ -552,7 +567,7 @@ def _decode_label_values(
                 path, field, f"{raw.dtype} values up to {worst:.2g} from an integer"
             )
         )
-    return rounded.astype(np.int64)
+    return rounded.astype(np.int32)
 
 
 # --------------------------------------------------------------------------- labels
@@ -585,11 +600,11 @@ def check_label_values(
         return True
     outside = values[(values < 0) | (values >= num_classes)]
     if outside.size:
-        shown = ", ".join(str(int(v)) for v in outside[:10])
+        listed = ", ".join(str(int(v)) for v in outside[:10])
         more = f" and {outside.size - 10} more" if outside.size > 10 else ""
         issues.append(
             RULES["label-values"].issue(
-                volume.path, volume.role, f"{shown}{more}",
+                volume.path, volume.role, f"{listed}{more}",
                 f"the task has classes 0..{num_classes - 1}",
             )
         )
@@ -607,11 +622,17 @@ def apply_label_map(
     labels : np.ndarray
         Integer labels of any shape.
     label_map : Mapping[int, tuple[int, ...]] or None
-        Task class -> source values; None returns ``labels`` as int64 unchanged.
+        Task class -> source values; None returns ``labels`` unchanged.
+
+    Returns
+    -------
+    np.ndarray
+        ``labels.shape``; int16 with a label map (task classes are small), else the
+        dtype of ``labels``.
     """
     if label_map is None:
-        return labels.astype(np.int64, copy=False)
-    mapped = np.zeros(labels.shape, dtype=np.int64)
+        return labels
+    mapped = np.zeros(labels.shape, dtype=np.int16)
     for task_class, source_values in label_map.items():
         mapped[np.isin(labels, source_values)] = task_class
     return mapped
@@ -774,7 +795,7 @@ def load_case_volumes(
     Returns
     -------
     LoadedCase
-        ``image`` ``(C, X, Y, Z)`` float32, ``label`` ``(X, Y, Z)`` int64 or None, and
+        ``image`` ``(C, X, Y, Z)`` float32, ``label`` ``(X, Y, Z)`` integers or None, and
         all issues. When any error fired, ``image`` and ``label`` are None.
     """
     result = LoadedCase()
@@ -817,7 +838,3 @@ def describe_issues(issues: list[Issue], limit: int = 3) -> str:
         lines.append(f"... and {len(errors) - limit} more errors")
     return "\n".join(lines)
 
-
-def issues_as_dicts(issues: list[Issue]) -> list[dict[str, Any]]:
-    """Return issues as JSON-ready mappings."""
-    return [dict(issue.to_dict()) for issue in issues]

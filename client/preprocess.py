@@ -2,12 +2,12 @@
 
 A case goes through two parts:
 
-1. Deterministic, cached in ``state_dir/cache/<task>/`` as safetensors plus JSON:
-   decoding with the fault fixes of ``client.nifti`` (scaling applied, pairing by
-   affine: for PET/CT the CT is the reference grid and the PET and a PET-grid label
-   are resampled onto it), then MONAI dictionary transforms: reorientation to RAS,
-   resampling to ``PreprocessConfig.spacing`` (linear for images, nearest for labels),
-   and intensity normalization per channel:
+1. Deterministic, cached in ``state_dir/cache/<task>/`` as safetensors plus JSON.
+   Decoding applies the scaling and fault fixes of ``client.nifti`` and pairs files
+   by affine: for PET/CT the CT is the reference grid, and the PET and a PET-grid
+   label are resampled onto it. MONAI dictionary transforms then reorient to RAS,
+   resample to ``PreprocessConfig.spacing`` (linear for images, nearest for labels)
+   and normalize the intensity of each channel:
 
    - CT: Hounsfield window ``ct_window`` scaled to [0, 1], values outside clipped;
    - PET: SUV divided by ``suv_scale``. Negative SUV (reconstruction noise and
@@ -55,10 +55,11 @@ from monai.transforms import (
     Orientationd,
     RandCropByPosNegLabeld,
     Resize,
+    Spacingd,
     SpatialPad,
     SpatialPadd,
-    Spacingd,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -135,9 +136,9 @@ def _split_position(patient_id: str, seed: int) -> float:
 def assign_splits(cases: Sequence[CaseRecord], seed: int = 0) -> list[str]:
     """Return the split of each case, in order.
 
-    The manifest's split is used when it sets one (the manifest check makes it set
-    all or none); otherwise the patient-level hash split described in the module
-    docstring.
+    The manifest's split is used when it sets one; the manifest check makes sure it
+    sets one in every row or in none. Otherwise each patient gets the hash split
+    described in the module docstring.
     """
     if cases and all(case.split is not None for case in cases):
         return [str(case.split) for case in cases]
@@ -290,6 +291,9 @@ def preprocess_case(
                 pixdim=preprocess.spacing,
                 mode=("bilinear", "nearest")[: len(keys)],
                 padding_mode=("border", "zeros")[: len(keys)],
+                # float32 halves the memory of large CTs against MONAI's float64 default
+                # and changes values by far less than the HU quantization.
+                dtype=np.float32,
             ),
             NormalizeChannelsd(
                 "image",
@@ -329,8 +333,8 @@ class CaseCache:
             if meta.get("key") != key:
                 return None
             tensors = load_file(str(tensor_path))
-        except (OSError, ValueError) as error:
-            logger.warning("ignored unreadable cache entry %s: %s", tensor_path, error)
+        except (OSError, ValueError, SafetensorError) as error:
+            logger.warning("ignored unreadable cache entry %s, recomputing it: %s", tensor_path, error)
             return None
         if "label" in tensors:
             tensors["label"] = tensors["label"].to(torch.int64)
@@ -391,7 +395,7 @@ def _fit_to_patch(image: torch.Tensor, patch_size: tuple[int, int, int]) -> torc
     return _plain(SpatialPad(spatial_size=patch_size)(image))
 
 
-class TaskDataset(Dataset):  # type: ignore[type-arg]
+class TaskDataset(Dataset[dict[str, torch.Tensor]]):
     """Preprocessed cases of one task and split, as dictionaries of tensors.
 
     Items follow "One preprocessed case" of docs/design.md: ``image`` float32
@@ -464,7 +468,7 @@ class TaskDataset(Dataset):  # type: ignore[type-arg]
         kind = self.dataset.kind
 
         if kind == "segmentation":
-            data: dict[str, Any] = {"image": tensors["image"], "label": tensors["label"]}
+            data: Any = {"image": tensors["image"], "label": tensors["label"]}
             if self.pad is not None:
                 data = self.pad(data)
             if self.crop is not None:
@@ -497,7 +501,7 @@ def load_task_dataset(
     Parameters
     ----------
     site : SiteConfig
-        The site; its ``state_dir/cache/<task>/`` holds the cache.
+        The site; the cache is in its ``state_dir/cache/<task>/``.
     task : str
         Curriculum task; the site must have a dataset for it.
     preprocess : PreprocessConfig

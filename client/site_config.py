@@ -47,7 +47,7 @@ _TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class SiteConfigError(ValueError):
-    """A site YAML file is missing, unreadable or holds an invalid value."""
+    """A site YAML file is missing, unreadable or contains an invalid value."""
 
 
 @dataclass(frozen=True)
@@ -276,8 +276,8 @@ def _parse_dataset(source: Path, index: int, entry: Any) -> DatasetConfig:
             f"'{data_format}' datasets hold segmentation masks only, so use format 'csv' "
             "with a 'class' or 'time'/'event' column"
         )
-    # A Decathlon dataset stores all channels in one 4D file, which cannot be told
-    # apart from a dynamic PET series, so two-channel PET/CT must use another format.
+    # A Decathlon dataset stores all channels in one 4D file, which looks the same as a
+    # dynamic PET series, so two-channel PET/CT must use another format.
     if data_format == "msd" and modality == "petct":
         raise SiteConfigError(
             f"{source}: key '{where}format' is 'msd' with modality 'petct'; a Decathlon "

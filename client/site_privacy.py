@@ -39,7 +39,9 @@ logger = get_logger(__name__)
 class SiteDP:
     """DP-SGD state of one training round of one site."""
 
-    def __init__(self, site: SiteConfig, request: StageRequest, config: DPConfig, total_rounds: int) -> None:
+    def __init__(
+        self, site: SiteConfig, request: StageRequest, config: DPConfig, total_rounds: int
+    ) -> None:
         self.site = site
         self.request = request
         self.config = config
@@ -85,17 +87,17 @@ class SiteDP:
         private_model, private_optimizer, private_loader = attach_dp(
             model, optimizer, loader, self.config, self.plan_result.noise_multiplier
         )
-        self.sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
+        self.sample_rate = float(private_loader.sample_rate)
         return private_model, private_optimizer, private_loader
 
     def step(self, optimizer: torch.optim.Optimizer, penalty: torch.Tensor | None) -> None:
         """Take one private step (the penalty's gradient is added after clipping)."""
-        private_step(optimizer, penalty)  # type: ignore[arg-type]
+        private_step(optimizer, penalty)
         self.steps += 1
 
     def empty_step(self, optimizer: torch.optim.Optimizer, penalty: torch.Tensor | None) -> None:
         """Take the step of an empty Poisson batch, which the accountant still counts."""
-        step_on_empty_batch(optimizer, penalty)  # type: ignore[arg-type]
+        step_on_empty_batch(optimizer, penalty)
         self.steps += 1
 
     def record(self) -> dict[str, float]:
@@ -111,11 +113,20 @@ class SiteDP:
             noise_multiplier=self.plan_result.noise_multiplier,
             delta=self.config.delta,
         )
-        epsilon = float(getattr(entry, "epsilon", self.ledger.epsilon_spent(self.request.task, self.config.delta)))
+        epsilon = float(
+            getattr(
+                entry, "epsilon", self.ledger.epsilon_spent(self.request.task, self.config.delta)
+            )
+        )
         logger.info(
             "site=%s stage=%s round=%d DP-SGD: %d steps, noise %.3f, epsilon spent %.3f (delta %g)",
-            self.site.site, self.request.stage, self.request.server_round, self.steps,
-            self.plan_result.noise_multiplier, epsilon, self.config.delta,
+            self.site.site,
+            self.request.stage,
+            self.request.server_round,
+            self.steps,
+            self.plan_result.noise_multiplier,
+            epsilon,
+            self.config.delta,
         )
         return {
             "dp-epsilon": epsilon,

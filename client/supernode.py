@@ -452,7 +452,7 @@ def _rejection_message(superlink: str, auth_key: Path | None) -> str:
         fingerprint = f" (fingerprint {check_auth_key(Path(auth_key))})"
     except SuperNodeError:
         fingerprint = ""
-    # Flower 1.42 answers both cases with the same error code 2004.
+    # Flower 1.42 returns the same error code 2004 in both cases.
     return (
         f"The SuperLink at {superlink} rejected this SuperNode. Either its authentication "
         f"key {auth_key}{fingerprint} is not registered: send {auth_key}.pub to the "

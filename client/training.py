@@ -78,7 +78,7 @@ class StageRequest:
             server_round=int(config.get("server-round", 0)),
             total_rounds=int(config.get("total-rounds", 1)),
             frozen_groups=json.loads(str(config.get("frozen-groups", "{}"))),
-            tasks=tuple(str(t) for t in config.get("tasks", [])),  # type: ignore[union-attr]
+            tasks=tuple(str(t) for t in config.get("tasks", [])),
         )
 
     def task_spec(self, name: str | None = None) -> TaskSpec:
@@ -106,7 +106,9 @@ def local_seed(request: StageRequest, site: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def task_counts(site: SiteConfig, tasks: Sequence[str], spec: ModelSpec | None = None) -> dict[str, int]:
+def task_counts(
+    site: SiteConfig, tasks: Sequence[str], spec: ModelSpec | None = None
+) -> dict[str, int]:
     """Count training and evaluation cases of each task the site holds data for."""
     counts: dict[str, int] = {}
     for task in tasks:
@@ -123,7 +125,9 @@ def _num_classes(spec: TaskSpec) -> int:
     return spec.num_classes if spec.kind != "prognosis" else 2
 
 
-def _make_optimizer(request: StageRequest, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(
+    request: StageRequest, parameters: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     if request.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=request.learning_rate, momentum=0.9)
     return torch.optim.Adam(parameters, lr=request.learning_rate)
@@ -160,12 +164,19 @@ def train_local(
     torch.manual_seed(local_seed(request, site.site))
     model.set_trainable(trainable_names)
     train_data: Dataset = load_task_dataset(
-        site, request.task, request.preprocess, split="train", train=True,
-        num_classes=_num_classes(spec), seed=request.seed,
+        site,
+        request.task,
+        request.preprocess,
+        split="train",
+        train=True,
+        num_classes=_num_classes(spec),
+        seed=request.seed,
     )
     num_examples = len(train_data)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(local_seed(request, site.site))
-    loader = DataLoader(train_data, batch_size=request.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(
+        train_data, batch_size=request.batch_size, shuffle=True, generator=generator
+    )
     parameters = [p for n, p in model.named_parameters() if n in set(trainable_names)]
     optimizer = _make_optimizer(request, parameters)
 
@@ -220,7 +231,9 @@ def train_local(
                 "nothing is sent. Lower the learning rate in the curriculum"
             )
 
-    metrics: dict[str, float] = {"train-loss": float(sum(losses) / len(losses)) if losses else math.nan}
+    metrics: dict[str, float] = {
+        "train-loss": float(sum(losses) / len(losses)) if losses else math.nan
+    }
     undefined: dict[str, str] = {}
     if not losses:
         del metrics["train-loss"]
@@ -232,7 +245,9 @@ def train_local(
             undefined[key] = value.reason or "undefined"
         else:
             metrics[key] = float(value.value)
-    return TrainResult(trainable=trainable, num_examples=num_examples, metrics=metrics, undefined=undefined)
+    return TrainResult(
+        trainable=trainable, num_examples=num_examples, metrics=metrics, undefined=undefined
+    )
 
 
 def _consolidation_at_reference(
@@ -247,7 +262,11 @@ def _consolidation_at_reference(
     (EWC, L2-SP) and the LwF teacher come from ``reference``, the values the server
     recorded when the stage started, not from the current weights.
     """
-    current = {name: value.detach().clone() for name, value in model.state_dict().items() if name in reference}
+    current = {
+        name: value.detach().clone()
+        for name, value in model.state_dict().items()
+        if name in reference
+    }
     model.load_state_dict({**model.state_dict(), **reference})
     try:
         return build_consolidation(
@@ -268,10 +287,19 @@ def evaluate_split(
     """Evaluate one task on one split of the site's data."""
     counts = split_counts(site, spec.name)
     if counts.get(split, 0) == 0:
-        return {primary_metric(spec.kind): MetricValue(None, f"the site has no {split} cases for {spec.name}")}
+        return {
+            primary_metric(spec.kind): MetricValue(
+                None, f"the site has no {split} cases for {spec.name}"
+            )
+        }
     data = load_task_dataset(
-        site, spec.name, request.preprocess, split=split, train=False,
-        num_classes=_num_classes(spec), seed=request.seed,
+        site,
+        spec.name,
+        request.preprocess,
+        split=split,
+        train=False,
+        num_classes=_num_classes(spec),
+        seed=request.seed,
     )
     loader = DataLoader(data, batch_size=1 if spec.kind == "segmentation" else request.batch_size)
     with torch.no_grad():
@@ -307,9 +335,14 @@ def site_fisher(
     """Compute the diagonal Fisher of ``names`` on the site's training split."""
     spec = request.task_spec()
     data = load_task_dataset(
-        site, request.task, request.preprocess, split="train", train=False,
-        num_classes=_num_classes(spec), seed=request.seed,
+        site,
+        request.task,
+        request.preprocess,
+        split="train",
+        train=False,
+        num_classes=_num_classes(spec),
+        seed=request.seed,
     )
     loader = DataLoader(data, batch_size=1)
     fisher = diagonal_fisher(model, request.task, loader, list(names))
-    return fisher, len(data)  # type: ignore[arg-type]
+    return fisher, len(data)

@@ -101,7 +101,9 @@ class SiteReport:
             )
             lines.append(f"{name}: {status}")
             for issue in issues:
-                lines.append(f"  {issue.severity.value} [{issue.rule}] {issue.field}: {issue.value}")
+                lines.append(
+                    f"  {issue.severity.value} [{issue.rule}] {issue.field}: {issue.value}"
+                )
                 lines.append(f"      {issue.message}")
                 lines.append(f"      fix: {issue.fix}")
         lines.append("")

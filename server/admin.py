@@ -37,7 +37,9 @@ def registry_status(registry_dir: Path) -> dict[str, Any]:
             }
         )
     if latest is not None:
-        matrix = AccuracyMatrix.from_rows(registry.read_json(latest, "accuracy_matrix.json")["rows"])
+        matrix = AccuracyMatrix.from_rows(
+            registry.read_json(latest, "accuracy_matrix.json")["rows"]
+        )
         status["accuracy_matrix"] = matrix.to_rows()
         status["backward_transfer"] = _plain(matrix.backward_transfer())
         status["forgetting"] = {t: _plain(v) for t, v in matrix.forgetting().items()}
@@ -68,7 +70,10 @@ def format_status(status: dict[str, Any]) -> str:
     width = max(12, *(len(t) + 2 for t in matrix.tasks))
     lines.append(f"{'after stage':<14}" + "".join(f"{t:>{width}}" for t in matrix.tasks))
     for stage in matrix.stages:
-        lines.append(f"{stage:<14}" + "".join(f"{_cell(matrix.get(stage, t)):>{width}}" for t in matrix.tasks))
+        lines.append(
+            f"{stage:<14}"
+            + "".join(f"{_cell(matrix.get(stage, t)):>{width}}" for t in matrix.tasks)
+        )
     bwt = status["backward_transfer"]
     lines.append("")
     lines.append(
@@ -101,13 +106,17 @@ def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
         raise RegistryError(
             f"task {task!r} is not in version {latest.name}; tasks are {[t.name for t in spec.tasks]}"
         )
-    single = ModelSpec(backbone=spec.backbone, tasks=(dataclasses.replace(chosen[0], depends_on=None),))
+    single = ModelSpec(
+        backbone=spec.backbone, tasks=(dataclasses.replace(chosen[0], depends_on=None),)
+    )
     exported = build_model(single)
     source = model.state_dict()
     target = exported.state_dict()
     missing = [k for k in target if k not in source]
     if missing:
-        raise RegistryError(f"version {latest.name} lacks parameters {missing[:5]} of task {task!r}")
+        raise RegistryError(
+            f"version {latest.name} lacks parameters {missing[:5]} of task {task!r}"
+        )
     exported.load_state_dict({k: source[k] for k in target})
     save_model(exported, out_dir)
     write_json_atomic(

@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.curriculum import Curriculum, load_curriculum
-from server.federation import FederationOptions, run_stage
+from server.federation import FederationOptions, StageFailed, run_stage
 from server.registry import Registry, VersionInfo
 from unicon_model.log import get_logger
 
@@ -36,7 +36,7 @@ class ServerSettings:
     node_wait_s: float = 120.0
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> ServerSettings:  # type: ignore[type-arg]
+    def from_run_config(cls, run_config: dict) -> ServerSettings:
         """Read the settings from a Flower run config."""
         curriculum = str(run_config.get("curriculum", "") or "")
         stages = str(run_config.get("stages", "") or "")
@@ -49,7 +49,9 @@ class ServerSettings:
         )
 
 
-def stages_to_run(curriculum: Curriculum, registry: Registry, requested: tuple[str, ...]) -> list[str]:
+def stages_to_run(
+    curriculum: Curriculum, registry: Registry, requested: tuple[str, ...]
+) -> list[str]:
     """Return the stages of this run, in curriculum order."""
     if requested:
         for name in requested:
@@ -63,11 +65,27 @@ def run_federation(grid: Grid, settings: ServerSettings) -> list[VersionInfo]:
     """Run the requested stages one after the other and return their versions."""
     curriculum = load_curriculum(settings.curriculum)
     registry = Registry(settings.registry)
-    options = FederationOptions(registry=settings.registry, run_id=settings.run_id, node_wait_s=settings.node_wait_s)
+    options = FederationOptions(
+        registry=settings.registry, run_id=settings.run_id, node_wait_s=settings.node_wait_s
+    )
     names = stages_to_run(curriculum, registry, settings.stages)
     registry.log_event({"event": "run-start", "run_id": settings.run_id, "stages": names})
     logger.info("run %s: stages %s, registry %s", settings.run_id, names, settings.registry)
-    versions = [run_stage(grid, curriculum, name, options) for name in names]
+    versions = []
+    for name in names:
+        try:
+            versions.append(run_stage(grid, curriculum, name, options))
+        except StageFailed as error:
+            registry.log_event(
+                {
+                    "event": "stage-failed",
+                    "stage": name,
+                    "run_id": settings.run_id,
+                    "error": str(error),
+                }
+            )
+            logger.error("stage=%s failed: %s", name, error)
+            raise
     registry.log_event({"event": "run-end", "run_id": settings.run_id})
     return versions
 

@@ -27,48 +27,96 @@ def add_admin_commands(commands: Any) -> None:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(handler=_status)
 
-    export = sub.add_parser("export", help="write one task's model (spec plus weights) for inference")
+    export = sub.add_parser(
+        "export", help="write one task's model (spec plus weights) for inference"
+    )
     export.add_argument("--registry", type=Path, required=True, help="the registry folder")
     export.add_argument("--task", required=True, help="task name, for example ct_seg")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.set_defaults(handler=_export)
 
-    certs = sub.add_parser("certs", help="create a pilot PKI: CA, SuperLink certificate, site key pairs")
-    certs.add_argument("--out", type=Path, required=True, help="folder for the PKI (created with mode 0700)")
-    certs.add_argument("--site", action="append", default=[], help="site name; repeat for each site")
+    certs = sub.add_parser(
+        "certs", help="create a pilot PKI: CA, SuperLink certificate, site key pairs"
+    )
     certs.add_argument(
-        "--host", action="append", default=None,
+        "--out", type=Path, required=True, help="folder for the PKI (created with mode 0700)"
+    )
+    certs.add_argument(
+        "--site", action="append", default=[], help="site name; repeat for each site"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=None,
         help="SuperLink host name or IP for the certificate; repeat (default: 127.0.0.1 and localhost)",
     )
-    certs.add_argument("--days", type=int, default=365, help="certificate validity in days (default: 365)")
-    certs.add_argument("--overwrite", action="store_true", help="replace existing keys and certificates")
+    certs.add_argument(
+        "--days", type=int, default=365, help="certificate validity in days (default: 365)"
+    )
+    certs.add_argument(
+        "--overwrite", action="store_true", help="replace existing keys and certificates"
+    )
     certs.set_defaults(handler=_certs)
 
     server = sub.add_parser("server", help="the SuperLink")
-    server_sub = server.add_subparsers(dest="server_command", required=True, metavar="SERVER_COMMAND")
-    start = server_sub.add_parser("start", help="start flower-superlink with TLS and node authentication")
-    start.add_argument("--registry", type=Path, required=True, help="the registry folder stages write into")
-    start.add_argument("--certs", type=Path, help="PKI folder from `unicon admin certs`")
-    start.add_argument("--address", default="127.0.0.1:9092", help="HOST:PORT to listen on (default: 127.0.0.1:9092)")
-    start.add_argument("--database", type=Path, help="SQLite file for the SuperLink state (default: in memory)")
-    start.add_argument("--flwr-home", type=Path, default=DEFAULT_FLWR_HOME, help="FLWR_HOME for the flwr CLI connection")
+    server_sub = server.add_subparsers(
+        dest="server_command", required=True, metavar="SERVER_COMMAND"
+    )
+    start = server_sub.add_parser(
+        "start", help="start flower-superlink with TLS and node authentication"
+    )
     start.add_argument(
-        "--insecure", action="store_true",
+        "--registry", type=Path, required=True, help="the registry folder stages write into"
+    )
+    start.add_argument("--certs", type=Path, help="PKI folder from `unicon admin certs`")
+    start.add_argument(
+        "--address",
+        default="127.0.0.1:9092",
+        help="HOST:PORT to listen on (default: 127.0.0.1:9092)",
+    )
+    start.add_argument(
+        "--database", type=Path, help="SQLite file for the SuperLink state (default: in memory)"
+    )
+    start.add_argument(
+        "--flwr-home",
+        type=Path,
+        default=DEFAULT_FLWR_HOME,
+        help="FLWR_HOME for the flwr CLI connection",
+    )
+    start.add_argument(
+        "--insecure",
+        action="store_true",
         help="no TLS and no node authentication: model updates travel in clear text and any node can join",
     )
     start.set_defaults(handler=_server_start)
 
-    register = sub.add_parser("register-site", help="register a site's public key with the SuperLink")
+    register = sub.add_parser(
+        "register-site", help="register a site's public key with the SuperLink"
+    )
     register.add_argument("public_key", type=Path, help="the site's auth_key.pub")
-    register.add_argument("--flwr-home", type=Path, default=DEFAULT_FLWR_HOME, help="FLWR_HOME of the connection")
+    register.add_argument(
+        "--flwr-home", type=Path, default=DEFAULT_FLWR_HOME, help="FLWR_HOME of the connection"
+    )
     register.set_defaults(handler=_register)
 
-    launch = sub.add_parser("launch", help="start one curriculum stage as a Flower run on the federation")
-    launch.add_argument("--stage", required=True, help="stage name from the curriculum, for example ct_seg")
-    launch.add_argument("--registry", type=Path, required=True, help="the registry folder (on the server)")
-    launch.add_argument("--curriculum", type=Path, help="curriculum YAML (default: the shipped default)")
-    launch.add_argument("--flwr-home", type=Path, default=DEFAULT_FLWR_HOME, help="FLWR_HOME of the connection")
-    launch.add_argument("--stream", action="store_true", help="stay attached and print the run's log")
+    launch = sub.add_parser(
+        "launch", help="start one curriculum stage as a Flower run on the federation"
+    )
+    launch.add_argument(
+        "--stage", required=True, help="stage name from the curriculum, for example ct_seg"
+    )
+    launch.add_argument(
+        "--registry", type=Path, required=True, help="the registry folder (on the server)"
+    )
+    launch.add_argument(
+        "--curriculum", type=Path, help="curriculum YAML (default: the shipped default)"
+    )
+    launch.add_argument(
+        "--flwr-home", type=Path, default=DEFAULT_FLWR_HOME, help="FLWR_HOME of the connection"
+    )
+    launch.add_argument(
+        "--stream", action="store_true", help="stay attached and print the run's log"
+    )
     launch.set_defaults(handler=_launch)
 
 
@@ -76,7 +124,9 @@ def _status(args: argparse.Namespace) -> int:
     from server.admin import format_status, registry_status
 
     if not args.registry.is_dir():
-        logger.error("--registry %s: folder not found; pass the registry folder of a run", args.registry)
+        logger.error(
+            "--registry %s: folder not found; pass the registry folder of a run", args.registry
+        )
         return 1
     status = registry_status(args.registry)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -101,31 +151,50 @@ def _certs(args: argparse.Namespace) -> int:
 
     hosts = args.host or ["127.0.0.1", "localhost"]
     try:
-        pki = create_pilot_pki(args.out, args.site, server_hosts=hosts, days=args.days, overwrite=args.overwrite)
+        pki = create_pilot_pki(
+            args.out, args.site, server_hosts=hosts, days=args.days, overwrite=args.overwrite
+        )
     except PkiError as error:
         logger.error("%s", error)
         return 1
     print(f"Pilot PKI written to {args.out}")
     for site, pair in sorted(pki.sites.items()):
-        print(f"  {site}: private key {pair.private_key} (keep at the site), public key {pair.public_key}")
+        print(
+            f"  {site}: private key {pair.private_key} (keep at the site), public key {pair.public_key}"
+        )
     return 0
 
 
 def _server_start(args: argparse.Namespace) -> int:
     from server.deploy import DeployError, start_superlink, stop_process, write_connection_config
 
+    if args.certs is None and not args.insecure:
+        logger.error(
+            "--certs is missing: the SuperLink serves TLS with node authentication by default; "
+            "create a PKI with `unicon admin certs --out DIR --site NAME` and pass --certs DIR"
+        )
+        return 2
     try:
         args.registry.mkdir(parents=True, exist_ok=True)
         write_connection_config(
-            args.flwr_home, args.address, None if args.insecure else args.certs / "ca.crt", insecure=args.insecure
+            args.flwr_home,
+            args.address,
+            None if args.insecure else args.certs / "ca.crt",
+            insecure=args.insecure,
         )
         process = start_superlink(
-            args.address, args.certs, insecure=args.insecure, database=args.database, flwr_home=args.flwr_home
+            args.address,
+            args.certs,
+            insecure=args.insecure,
+            database=args.database,
+            flwr_home=args.flwr_home,
         )
     except DeployError as error:
         logger.error("%s", error)
         return 1
-    print(f"SuperLink listening on {args.address} (PID {process.pid}); stop it with Ctrl+C or kill {process.pid}")
+    print(
+        f"SuperLink listening on {args.address} (PID {process.pid}); stop it with Ctrl+C or kill {process.pid}"
+    )
 
     def _stop(signum: int, frame: object) -> None:
         stop_process(process)

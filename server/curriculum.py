@@ -155,7 +155,9 @@ def _task_to_dict(task: TaskSpec) -> dict[str, Any]:
 
 def _settings_to_dict(settings: StageSettings) -> dict[str, Any]:
     raw = dataclasses.asdict(settings)
-    raw["preprocess"] = {k: list(v) if isinstance(v, tuple) else v for k, v in raw["preprocess"].items()}
+    raw["preprocess"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in raw["preprocess"].items()
+    }
     if raw["central_dp"] is None:
         del raw["central_dp"]
     return raw
@@ -185,7 +187,8 @@ class _Reader:
             if name not in allowed:
                 raise self.fail(
                     f"{key}.{name}",
-                    f"unknown key; allowed keys are {sorted(allowed)}" + _suggest(str(name), allowed),
+                    f"unknown key; allowed keys are {sorted(allowed)}"
+                    + _suggest(str(name), allowed),
                 )
 
     def number(self, value: Any, key: str, kind: type, minimum: float | None = None) -> Any:
@@ -200,7 +203,9 @@ class _Reader:
     def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
         if value not in allowed:
             raise self.fail(
-                key, f"invalid value {value!r}; allowed values are {list(allowed)}" + _suggest(str(value), allowed)
+                key,
+                f"invalid value {value!r}; allowed values are {list(allowed)}"
+                + _suggest(str(value), allowed),
             )
         return str(value)
 
@@ -260,15 +265,21 @@ def _read_preprocess(
     if "patch_size" in raw:
         patch = reader.triple(raw["patch_size"], f"{key}.patch_size", int)
         if any(p % 16 for p in patch):
-            raise reader.fail(f"{key}.patch_size", f"each size must be a multiple of 16, found {list(patch)}")
+            raise reader.fail(
+                f"{key}.patch_size", f"each size must be a multiple of 16, found {list(patch)}"
+            )
         updates["patch_size"] = patch
     if "ct_window" in raw:
         window = raw["ct_window"]
         if not isinstance(window, list | tuple) or len(window) != 2 or window[0] >= window[1]:
-            raise reader.fail(f"{key}.ct_window", f"expected [low, high] in HU with low < high, found {window!r}")
+            raise reader.fail(
+                f"{key}.ct_window", f"expected [low, high] in HU with low < high, found {window!r}"
+            )
         updates["ct_window"] = (float(window[0]), float(window[1]))
     if "suv_scale" in raw:
-        updates["suv_scale"] = reader.number(raw["suv_scale"], f"{key}.suv_scale", float, minimum=1e-6)
+        updates["suv_scale"] = reader.number(
+            raw["suv_scale"], f"{key}.suv_scale", float, minimum=1e-6
+        )
     return dataclasses.replace(base, **updates)
 
 
@@ -279,9 +290,13 @@ def _read_central_dp(reader: _Reader, value: Any, key: str) -> CentralDPSettings
     reader.check_keys(raw, key, ("noise_multiplier", "clipping_norm"))
     for name in ("noise_multiplier", "clipping_norm"):
         if name not in raw:
-            raise reader.fail(f"{key}.{name}", "missing; central DP needs noise_multiplier and clipping_norm")
+            raise reader.fail(
+                f"{key}.{name}", "missing; central DP needs noise_multiplier and clipping_norm"
+            )
     return CentralDPSettings(
-        noise_multiplier=reader.number(raw["noise_multiplier"], f"{key}.noise_multiplier", float, 0),
+        noise_multiplier=reader.number(
+            raw["noise_multiplier"], f"{key}.noise_multiplier", float, 0
+        ),
         clipping_norm=reader.number(raw["clipping_norm"], f"{key}.clipping_norm", float, 1e-9),
     )
 
@@ -294,7 +309,9 @@ def _read_task(reader: _Reader, value: Any, key: str, stage_name: str) -> TaskSp
             raise reader.fail(f"{key}.{name}", "missing")
     bins = raw.get("time_bins") or ()
     if not isinstance(bins, list | tuple):
-        raise reader.fail(f"{key}.time_bins", f"expected a list of bin edges in days, found {bins!r}")
+        raise reader.fail(
+            f"{key}.time_bins", f"expected a list of bin edges in days, found {bins!r}"
+        )
     try:
         return TaskSpec(
             name=str(raw.get("name", stage_name)),
@@ -334,7 +351,10 @@ def load_curriculum_mapping(raw: Any, source: str = "curriculum") -> Curriculum:
                     fields[name] = tuple(fields[name])
             backbone = BackboneConfig(**fields)
     except (TypeError, ValueError) as error:
-        raise reader.fail("model.backbone", f"{error}; use a preset name ('tiny', 'ctfm') or BackboneConfig fields") from error
+        raise reader.fail(
+            "model.backbone",
+            f"{error}; use a preset name ('tiny', 'ctfm') or BackboneConfig fields",
+        ) from error
     pretrained_raw = model.get("pretrained")
     pretrained = None
     if pretrained_raw:
@@ -355,14 +375,19 @@ def load_curriculum_mapping(raw: Any, source: str = "curriculum") -> Curriculum:
         key = f"stages[{index}]"
         stage_raw = reader.mapping(stage_value, key)
         reader.check_keys(stage_raw, key, ("name", "task", *_SETTING_KEYS))
-        name = stage_raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise reader.fail(f"{key}.name", f"expected a stage name, found {name!r}")
+        raw_name = stage_raw.get("name")
+        if not isinstance(raw_name, str) or not raw_name:
+            raise reader.fail(f"{key}.name", f"expected a stage name, found {raw_name!r}")
+        name = raw_name
         if any(s.name == name for s in stages):
-            raise reader.fail(f"{key}.name", f"duplicate stage name {name!r}; stage names must be unique")
+            raise reader.fail(
+                f"{key}.name", f"duplicate stage name {name!r}; stage names must be unique"
+            )
         task = _read_task(reader, stage_raw.get("task"), f"{key}.task", name)
         if task.name in seen_tasks:
-            raise reader.fail(f"{key}.task.name", f"task {task.name!r} is already added by an earlier stage")
+            raise reader.fail(
+                f"{key}.task.name", f"task {task.name!r} is already added by an earlier stage"
+            )
         if task.depends_on and task.depends_on not in seen_tasks:
             raise reader.fail(
                 f"{key}.task.depends_on",

@@ -26,12 +26,12 @@ from server.curriculum import Curriculum, Stage
 from server.registry import Registry, VersionInfo
 from server.strategy import PartialFedAvg, SiteNode
 from unicon_model import wire
-from unicon_model.pretrained import load_backbone_checkpoint
 from unicon_model.consolidation import merge_fishers
 from unicon_model.evaluation import primary_metric
 from unicon_model.log import get_logger
 from unicon_model.metrics import AccuracyMatrix, MetricValue
 from unicon_model.model import UniconModel
+from unicon_model.pretrained import load_backbone_checkpoint
 from unicon_model.serialization import group_hashes, parameter_group
 
 logger = get_logger(__name__)
@@ -111,12 +111,18 @@ def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def discover_sites(grid: Grid, tasks: Sequence[str], minimum: int, wait_s: float, timeout: float) -> list[SiteNode]:
+def discover_sites(
+    grid: Grid, tasks: Sequence[str], minimum: int, wait_s: float, timeout: float
+) -> list[SiteNode]:
     """Ask every connected node which site it is, what data it holds and what it caches."""
     node_ids = _wait_for_nodes(grid, minimum, wait_s)
     config = ConfigRecord({"tasks": list(tasks)})
     messages = [
-        Message(content=RecordDict({wire.CONFIG: config}), message_type=wire.QUERY_SITE_INFO, dst_node_id=n)
+        Message(
+            content=RecordDict({wire.CONFIG: config}),
+            message_type=wire.QUERY_SITE_INFO,
+            dst_node_id=n,
+        )
         for n in node_ids
     ]
     nodes: list[SiteNode] = []
@@ -133,7 +139,7 @@ def discover_sites(grid: Grid, tasks: Sequence[str], minimum: int, wait_s: float
             num_train=0,
             cached_groups=set(info.get("cached-groups", [])),  # type: ignore[arg-type]
         )
-        node.counts = {k: int(v) for k, v in counts.items()}  # type: ignore[attr-defined]
+        node.counts = {k: int(v) for k, v in counts.items() if isinstance(v, int | float)}
         nodes.append(node)
     nodes.sort(key=lambda n: n.site)
     return nodes
@@ -158,7 +164,9 @@ def _frozen_records(
     return records, hashes
 
 
-def _stage_config(curriculum: Curriculum, stage: Stage, model: UniconModel, options: FederationOptions) -> ConfigRecord:
+def _stage_config(
+    curriculum: Curriculum, stage: Stage, model: UniconModel, options: FederationOptions
+) -> ConfigRecord:
     settings = stage.settings
     pre = settings.preprocess
     return ConfigRecord(
@@ -210,7 +218,7 @@ def run_stage(
 
     # Grow the model for the stage's task and decide what trains.
     model = registry.load_model(latest) if latest else build_initial_model(curriculum)
-    model.grow(stage.task)
+    model.grow(stage.task, seed=curriculum.seed * 1000 + index)
     sets = model.trainable_sets(stage.task.name, finetune_shared=settings.train == "shared")
     trainable_names = sorted(sets.new + (sets.shared if settings.train == "shared" else []))
     state = model.state_dict()
@@ -221,22 +229,33 @@ def run_stage(
     report.full_model_bytes = int(sum(v.numel() * v.element_size() for v in state.values()))
     logger.info(
         "stage=%s task=%s: %d trainable of %d parameters (%s)",
-        stage.name, stage.task.name, report.trainable_parameters, report.total_parameters, settings.train,
+        stage.name,
+        stage.task.name,
+        report.trainable_parameters,
+        report.total_parameters,
+        settings.train,
     )
     registry.log_event({"event": "stage-start", "stage": stage.name, "run_id": options.run_id})
 
     # Find the sites holding data for this task.
     task_names = [t.name for t in model.spec.tasks]
-    nodes = discover_sites(grid, task_names, settings.min_sites, options.node_wait_s, settings.timeout_s)
+    nodes = discover_sites(
+        grid, task_names, settings.min_sites, options.node_wait_s, settings.timeout_s
+    )
     participants: list[SiteNode] = []
     for node in nodes:
-        counts = node.counts  # type: ignore[attr-defined]
+        counts = node.counts
         node.num_train = counts.get(f"{stage.task.name}.num-train", 0)
         if node.num_train > 0:
             participants.append(node)
         else:
             report.excluded_sites[node.site] = f"no training data for task {stage.task.name}"
-            logger.info("stage=%s site=%s excluded: no training data for %s", stage.name, node.site, stage.task.name)
+            logger.info(
+                "stage=%s site=%s excluded: no training data for %s",
+                stage.name,
+                node.site,
+                stage.task.name,
+            )
     report.sites = [n.site for n in participants]
     if len(participants) < settings.min_sites:
         raise StageFailed(
@@ -279,20 +298,34 @@ def run_stage(
         arrays = _to_record({n: state[n] for n in trainable_names})
         frozen, frozen_hashes = _frozen_records(state, set(trainable_names), participants)
         config["frozen-groups"] = json.dumps(frozen_hashes, sort_keys=True)
-        messages = strategy.configure_train(server_round, arrays, config, participants, frozen, extra)
+        messages = strategy.configure_train(
+            server_round, arrays, config, participants, frozen, extra
+        )
         bytes_sent = {
-            sites_by_node[m.metadata.dst_node_id]: sum(r.count_bytes() for r in m.content.array_records.values())
+            sites_by_node[m.metadata.dst_node_id]: sum(
+                r.count_bytes() for r in m.content.array_records.values()
+            )
             for m in messages
         }
         logger.info(
-            "stage=%s round=%d/%d: training at %d sites", stage.name, server_round, settings.rounds, len(messages)
+            "stage=%s round=%d/%d: training at %d sites",
+            stage.name,
+            server_round,
+            settings.rounds,
+            len(messages),
         )
         replies = list(grid.send_and_receive(messages, timeout=settings.timeout_s))
         outcome = strategy.aggregate_train(server_round, replies, sites_by_node)
         answered = {sites_by_node.get(r.metadata.src_node_id) for r in replies}
         silent = [n.site for n in participants if n.site not in answered]
         for site in silent:
-            logger.warning("stage=%s round=%d site=%s sent no reply within %.0f s", stage.name, server_round, site, settings.timeout_s)
+            logger.warning(
+                "stage=%s round=%d site=%s sent no reply within %.0f s",
+                stage.name,
+                server_round,
+                site,
+                settings.timeout_s,
+            )
         if outcome.arrays is None:
             raise StageFailed(
                 f"stage {stage.name!r} round {server_round}: {len(outcome.accepted)} accepted replies, fewer than "
@@ -300,7 +333,10 @@ def run_stage(
                 f"silent {silent} (timeout {settings.timeout_s:.0f} s)"
             )
         model.load_state_dict(
-            {**model.state_dict(), **{k: torch.from_numpy(np.array(v)) for k, v in outcome.arrays.items()}}
+            {
+                **model.state_dict(),
+                **{k: torch.from_numpy(np.array(v)) for k, v in outcome.arrays.items()},
+            }
         )
         round_record = {
             "round": server_round,
@@ -317,11 +353,18 @@ def run_stage(
         report.rounds.append(round_record)
         logger.info(
             "stage=%s round=%d done: %d accepted, sent %d B, received %d B",
-            stage.name, server_round, len(outcome.accepted), sum(bytes_sent.values()), sum(outcome.bytes_received.values()),
+            stage.name,
+            server_round,
+            len(outcome.accepted),
+            sum(bytes_sent.values()),
+            sum(outcome.bytes_received.values()),
         )
         final_state = model.state_dict()
         registry.save_checkpoint(
-            stage.name, server_round, {n: final_state[n] for n in trainable_names}, {"rounds": report.rounds}
+            stage.name,
+            server_round,
+            {n: final_state[n] for n in trainable_names},
+            {"rounds": report.rounds},
         )
 
     state = model.state_dict()
@@ -342,7 +385,9 @@ def run_stage(
         fisher=fisher_total,
     )
     registry.clear_checkpoint(stage.name)
-    registry.log_event({"event": "stage-end", "stage": stage.name, "version": info.name, "run_id": options.run_id})
+    registry.log_event(
+        {"event": "stage-end", "stage": stage.name, "version": info.name, "run_id": options.run_id}
+    )
     return info
 
 
@@ -365,21 +410,38 @@ def _federated_fisher(
         content = RecordDict({wire.CONFIG: fisher_config})
         if node.node_id in frozen:
             content[wire.FROZEN] = frozen[node.node_id]
-        messages.append(Message(content=content, message_type=wire.QUERY_FISHER, dst_node_id=node.node_id))
+        messages.append(
+            Message(content=content, message_type=wire.QUERY_FISHER, dst_node_id=node.node_id)
+        )
     parts: list[tuple[dict[str, torch.Tensor], int]] = []
     for reply in grid.send_and_receive(messages, timeout=stage.settings.timeout_s):
         if reply.has_error() or wire.FISHER not in reply.content.array_records:
-            logger.warning("stage=%s node %s returned no Fisher", stage.name, reply.metadata.src_node_id)
+            logger.warning(
+                "stage=%s node %s returned no Fisher", stage.name, reply.metadata.src_node_id
+            )
             continue
         record = reply.content.array_records[wire.FISHER]
         fisher = {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
         if not all(torch.isfinite(v).all() for v in fisher.values()):
-            logger.warning("stage=%s node %s returned a non-finite Fisher; left out", stage.name, reply.metadata.src_node_id)
+            logger.warning(
+                "stage=%s node %s returned a non-finite Fisher; left out",
+                stage.name,
+                reply.metadata.src_node_id,
+            )
             continue
-        count = int(reply.content.metric_records[wire.METRICS][wire.NUM_EXAMPLES])
+        count = reply.content.metric_records[wire.METRICS].get(wire.NUM_EXAMPLES)
+        if not isinstance(count, int) or count <= 0:
+            logger.warning(
+                "stage=%s node %s sent a Fisher without a sample count; left out",
+                stage.name,
+                reply.metadata.src_node_id,
+            )
+            continue
         parts.append((fisher, count))
     if not parts:
-        raise StageFailed(f"stage {stage.name!r}: no site returned a usable Fisher, which a later EWC stage needs")
+        raise StageFailed(
+            f"stage {stage.name!r}: no site returned a usable Fisher, which a later EWC stage needs"
+        )
     merged = merge_fishers(parts)
     previous = registry.load_fisher(latest) if latest else None
     # Online EWC: Fishers of successive stages add up.
@@ -409,7 +471,9 @@ def evaluate_all(
         content = RecordDict({wire.CONFIG: eval_config})
         if node.node_id in frozen:
             content[wire.FROZEN] = frozen[node.node_id]
-        messages.append(Message(content=content, message_type=wire.EVALUATE_TASKS, dst_node_id=node.node_id))
+        messages.append(
+            Message(content=content, message_type=wire.EVALUATE_TASKS, dst_node_id=node.node_id)
+        )
     site_of = {n.node_id: n.site for n in nodes}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         site = site_of.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
@@ -436,15 +500,27 @@ def evaluate_all(
             pooled = float(np.average(values, weights=weights))
             report.pooled[task.name] = {"metric": metric, "value": pooled, "sites": len(values)}
         else:
-            report.pooled[task.name] = {"metric": metric, "value": None, "reason": "no site could compute it"}
-        logger.info("evaluation task=%s %s=%s", task.name, metric, report.pooled[task.name].get("value"))
+            report.pooled[task.name] = {
+                "metric": metric,
+                "value": None,
+                "reason": "no site could compute it",
+            }
+        logger.info(
+            "evaluation task=%s %s=%s", task.name, metric, report.pooled[task.name].get("value")
+        )
 
 
 def _accuracy_matrix(
-    registry: Registry, latest: VersionInfo | None, index: int, model: UniconModel, report: StageReport
+    registry: Registry,
+    latest: VersionInfo | None,
+    index: int,
+    model: UniconModel,
+    report: StageReport,
 ) -> AccuracyMatrix:
     if latest is not None:
-        matrix = AccuracyMatrix.from_rows(registry.read_json(latest, "accuracy_matrix.json")["rows"])
+        matrix = AccuracyMatrix.from_rows(
+            registry.read_json(latest, "accuracy_matrix.json")["rows"]
+        )
     else:
         matrix = AccuracyMatrix(metric="task metric")
     matrix.add_stage(report.stage, report.task)

@@ -197,7 +197,9 @@ class Registry:
         self._write_latest(name)
         self.log_event({"event": "version", "stage": stage, "version": name, "version_id": vid})
         logger.info("registry: wrote version %s (id %s)", name, vid[:12])
-        return VersionInfo(name=name, path=final, index=index, stage=stage, version_id=vid, created=created)
+        return VersionInfo(
+            name=name, path=final, index=index, stage=stage, version_id=vid, created=created
+        )
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / ".LATEST.tmp"
@@ -210,7 +212,11 @@ class Registry:
         return self.root / "checkpoints" / stage
 
     def save_checkpoint(
-        self, stage: str, server_round: int, trainable: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+        self,
+        stage: str,
+        server_round: int,
+        trainable: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
     ) -> None:
         """Save the stage's trainable tensors after a completed round.
 
@@ -224,7 +230,9 @@ class Registry:
             if old.name != f"round-{server_round:04d}.safetensors":
                 old.unlink()
 
-    def load_checkpoint(self, stage: str) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+    def load_checkpoint(
+        self, stage: str
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         """Return ``(round, trainable tensors, meta)`` of a stage's last completed round."""
         folder = self.checkpoint_dir(stage)
         meta_file = folder / "round.json"

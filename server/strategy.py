@@ -35,6 +35,7 @@ class SiteNode:
     site: str
     num_train: int
     cached_groups: set[str] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,8 +81,9 @@ class PartialFedAvg:
         """
         messages = []
         for node in nodes:
-            content = RecordDict({wire.TRAINABLE: arrays, wire.CONFIG: ConfigRecord(dict(config))})
-            content[wire.CONFIG]["server-round"] = server_round
+            round_config = ConfigRecord(dict(config))
+            round_config["server-round"] = server_round
+            content = RecordDict({wire.TRAINABLE: arrays, wire.CONFIG: round_config})
             if node.node_id in frozen_for:
                 content[wire.FROZEN] = frozen_for[node.node_id]
             for key, record in (extra_records or {}).items():
@@ -104,7 +106,9 @@ class PartialFedAvg:
         if received != expected:
             unknown = sorted(received - expected)[:5]
             missing = sorted(expected - received)[:5]
-            raise ValueError(f"tensor names differ from the stage's: unknown {unknown}, missing {missing}")
+            raise ValueError(
+                f"tensor names differ from the stage's: unknown {unknown}, missing {missing}"
+            )
         tensors: dict[str, np.ndarray] = {}
         for name, array in record.items():
             values = array.numpy()
@@ -118,7 +122,9 @@ class PartialFedAvg:
         metrics = content.metric_records.get(wire.METRICS)
         num_examples = metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None
         if not isinstance(num_examples, int) or num_examples <= 0:
-            raise ValueError(f"{wire.NUM_EXAMPLES} must be a positive integer, found {num_examples!r}")
+            raise ValueError(
+                f"{wire.NUM_EXAMPLES} must be a positive integer, found {num_examples!r}"
+            )
         return tensors, num_examples
 
     def aggregate_train(
@@ -138,7 +144,9 @@ class PartialFedAvg:
         for reply in replies:
             site = sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
             if not reply.has_error():
-                bytes_received[site] = sum(r.count_bytes() for r in reply.content.array_records.values())
+                bytes_received[site] = sum(
+                    r.count_bytes() for r in reply.content.array_records.values()
+                )
                 metrics = reply.content.metric_records.get(wire.METRICS)
                 if metrics is not None and metrics.get(wire.DECLINED):
                     reasons = reply.content.config_records.get(wire.REASONS)
@@ -153,12 +161,16 @@ class PartialFedAvg:
                 logger.warning("round %s site=%s reply rejected: %s", server_round, site, error)
                 continue
             metrics = reply.content.metric_records[wire.METRICS]
-            site_metrics[site] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            site_metrics[site] = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
+            }
             accepted.append((site, tensors, num_examples))
 
         accepted.sort(key=lambda item: item[0])
         if len(accepted) < self.min_sites:
-            return TrainOutcome(None, [a[0] for a in accepted], rejected, declined, site_metrics, bytes_received)
+            return TrainOutcome(
+                None, [a[0] for a in accepted], rejected, declined, site_metrics, bytes_received
+            )
 
         total = float(sum(n for _, _, n in accepted))
         aggregate: dict[str, np.ndarray] = {}

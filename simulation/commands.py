@@ -28,12 +28,25 @@ def add_simulation_commands(commands: Any) -> None:
         help="sites and curriculum to run (default: demo). "
         + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
     )
-    parser.add_argument("--data", type=Path, help="folder of the real studies (real-sample and adrenal presets)")
-    parser.add_argument("--sites-dir", type=Path, help="folder of site YAML files to use instead of the preset's sites")
-    parser.add_argument("--out", type=Path, help="output folder (default: runs/<preset>-<date>-<time>)")
+    parser.add_argument(
+        "--data", type=Path, help="folder of the real studies (real-sample and adrenal presets)"
+    )
+    parser.add_argument(
+        "--sites-dir",
+        type=Path,
+        help="folder of site YAML files to use instead of the preset's sites",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: runs/<preset>-<date>-<time>)"
+    )
     parser.add_argument("--sites", type=int, dest="num_sites", help="number of virtual hospitals")
     parser.add_argument("--rounds", type=int, help="federated rounds of every stage")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated studies and of training (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the generated studies and of training (default: 0)",
+    )
     parser.add_argument(
         "--compare",
         action="store_true",

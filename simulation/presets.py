@@ -85,7 +85,10 @@ def _smoke_curriculum(options: PresetOptions) -> dict[str, Any]:
         min_sites=1,
         timeout_s=600,
     )
-    raw["defaults"]["preprocess"] = {**raw["defaults"].get("preprocess", {}), "patch_size": [16, 16, 16]}
+    raw["defaults"]["preprocess"] = {
+        **raw["defaults"].get("preprocess", {}),
+        "patch_size": [16, 16, 16],
+    }
     return raw
 
 
@@ -93,7 +96,9 @@ def _real_sample_sites(options: PresetOptions, sites_root: Path) -> list[Path]:
     from simulation.real_sites import build_real_sample_sites
 
     assert options.data_dir is not None  # checked by resolve_preset
-    return build_real_sample_sites(options.data_dir, sites_root, num_sites=options.num_sites or 3, seed=options.seed)
+    return build_real_sample_sites(
+        options.data_dir, sites_root, num_sites=options.num_sites or 3, seed=options.seed
+    )
 
 
 def _real_sample_curriculum(options: PresetOptions) -> dict[str, Any]:
@@ -113,12 +118,19 @@ def _adrenal_sites(options: PresetOptions, sites_root: Path) -> list[Path]:
     from simulation.real_sites import build_adrenal_sites
 
     assert options.data_dir is not None  # checked by resolve_preset
-    return build_adrenal_sites(options.data_dir, sites_root, num_sites=options.num_sites or 4, seed=options.seed)
+    return build_adrenal_sites(
+        options.data_dir, sites_root, num_sites=options.num_sites or 4, seed=options.seed
+    )
 
 
 def _adrenal_curriculum(options: PresetOptions) -> dict[str, Any]:
     raw = _with_overrides(
-        _default_curriculum(), options, rounds=options.rounds or 5, local_epochs=2, batch_size=16, min_sites=2
+        _default_curriculum(),
+        options,
+        rounds=options.rounds or 5,
+        local_epochs=2,
+        batch_size=16,
+        min_sites=2,
     )
     raw["name"] = "adrenal"
     raw["stages"] = [
@@ -177,5 +189,7 @@ def resolve_preset(name: str, options: PresetOptions) -> Preset:
                 "(for example --data ../shared/data/real)"
             )
         if not options.data_dir.is_dir():
-            raise PresetError(f"--data {options.data_dir}: folder not found; pass the folder of the real studies")
+            raise PresetError(
+                f"--data {options.data_dir}: folder not found; pass the folder of the real studies"
+            )
     return preset

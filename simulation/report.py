@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from server.registry import Registry  # noqa: E402
-from unicon_model.log import get_logger  # noqa: E402
-from unicon_model.metrics import AccuracyMatrix, MetricValue  # noqa: E402
+from server.registry import Registry
+from unicon_model.log import get_logger
+from unicon_model.metrics import AccuracyMatrix, MetricValue
 
 if TYPE_CHECKING:
     from simulation.runner import SimulationResult, Variant
@@ -52,12 +52,22 @@ def _fmt(value: MetricValue | float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def _human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return f"{count:.1f} GiB"
+
+
+def _site_names(site_files: Sequence[Path]) -> list[str]:
+    from client.site_config import load_site_config
+
+    return [load_site_config(path).site for path in site_files]
 
 
 def stage_reports(registry: Path) -> list[dict[str, Any]]:
@@ -79,7 +89,9 @@ def _bytes_total(reports: Sequence[dict[str, Any]]) -> int:
     total = 0
     for report in reports:
         for round_record in report["rounds"]:
-            total += sum(round_record["bytes_sent"].values()) + sum(round_record["bytes_received"].values())
+            total += sum(round_record["bytes_sent"].values()) + sum(
+                round_record["bytes_received"].values()
+            )
     return total
 
 
@@ -102,10 +114,16 @@ def summarize_variant(
             for task in matrix.tasks:
                 final[task] = matrix.get(matrix.stages[-1], task)
         defined = [v.value for v in final.values() if v.value is not None]
-        average = MetricValue(sum(defined) / len(defined), None) if defined else MetricValue(None, "no task defined")
+        average = (
+            MetricValue(sum(defined) / len(defined), None)
+            if defined
+            else MetricValue(None, "no task defined")
+        )
         bwt = MetricValue(None, "isolated models are never updated after their stage")
         forgetting = {t: MetricValue(None, "isolated model") for t in final}
-    return VariantSummary(name, label, final, average, bwt, forgetting, _bytes_total(reports), wall_time_s)
+    return VariantSummary(
+        name, label, final, average, bwt, forgetting, _bytes_total(reports), wall_time_s
+    )
 
 
 def write_metrics_csv(path: Path, reports: Sequence[dict[str, Any]]) -> int:
@@ -130,10 +148,16 @@ def write_metrics_csv(path: Path, reports: Sequence[dict[str, Any]]) -> int:
                 rows.append([stage, "end", site, eval_task, metric, f"undefined: {reason}"])
         for pooled_task, pooled in sorted(report["pooled"].items()):
             value = pooled.get("value")
-            rows.append([
-                stage, "end", "pooled", pooled_task, pooled["metric"],
-                value if value is not None else f"undefined: {pooled.get('reason')}",
-            ])
+            rows.append(
+                [
+                    stage,
+                    "end",
+                    "pooled",
+                    pooled_task,
+                    pooled["metric"],
+                    value if value is not None else f"undefined: {pooled.get('reason')}",
+                ]
+            )
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["stage", "round", "site", "task", "metric", "value"])
@@ -156,9 +180,8 @@ def write_matrix_csv(path: Path, matrix: AccuracyMatrix) -> None:
 
 def plot_matrix(path: Path, matrix: AccuracyMatrix) -> None:
     """Heatmap of the accuracy matrix (blank cells: task not learned yet or undefined)."""
-    data = [
-        [matrix.get(s, t).value if matrix.get(s, t).value is not None else math.nan for t in matrix.tasks]
-        for s in matrix.stages
+    data: list[list[float]] = [
+        [_or_nan(matrix.get(s, t).value) for t in matrix.tasks] for s in matrix.stages
     ]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(matrix.tasks), 1.2 + 0.8 * len(matrix.stages)))
     image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -167,7 +190,14 @@ def plot_matrix(path: Path, matrix: AccuracyMatrix) -> None:
     for i, row in enumerate(data):
         for j, value in enumerate(row):
             if not math.isnan(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if value < 0.6 else "black",
+                )
     fig.colorbar(image, ax=ax, label="task metric (AUC, C-index or Dice)")
     ax.set_title("Accuracy matrix (stage x task)")
     fig.tight_layout()
@@ -238,7 +268,9 @@ def ctfm_bytes(curriculum_raw: dict[str, Any]) -> list[tuple[str, int, int]]:
     rows = []
     for stage in curriculum.stages:
         model.grow(stage.task)
-        sets = model.trainable_sets(stage.task.name, finetune_shared=stage.settings.train == "shared")
+        sets = model.trainable_sets(
+            stage.task.name, finetune_shared=stage.settings.train == "shared"
+        )
         names = set(sets.new + (sets.shared if stage.settings.train == "shared" else []))
         shapes = {n: p for n, p in model.state_dict().items()}
         trainable = sum(shapes[n].numel() * shapes[n].element_size() for n in names)
@@ -248,7 +280,10 @@ def ctfm_bytes(curriculum_raw: dict[str, Any]) -> list[tuple[str, int, int]]:
 
 
 def write_report(
-    result: SimulationResult, preset: str, curriculum_raw: dict[str, Any], variants: Sequence[Variant]
+    result: SimulationResult,
+    preset: str,
+    curriculum_raw: dict[str, Any],
+    variants: Sequence[Variant],
 ) -> Path:
     """Write report.md, metrics.csv, accuracy_matrix.csv and the plots into the run folder."""
     out = result.out_dir
@@ -263,17 +298,25 @@ def write_report(
     summaries = []
     matrices = {"unicon": matrix}
     for variant in variants:
-        registries = [p for key, p in result.registries.items() if key == variant.name or key.startswith(f"{variant.name}-")]
-        summaries.append(summarize_variant(variant.name, variant.label, registries, result.wall_time_s.get(variant.name, 0.0)))
+        registries = [
+            p
+            for key, p in result.registries.items()
+            if key == variant.name or key.startswith(f"{variant.name}-")
+        ]
+        summaries.append(
+            summarize_variant(
+                variant.name, variant.label, registries, result.wall_time_s.get(variant.name, 0.0)
+            )
+        )
         if variant.name == "sequential":
             matrices["sequential"] = final_matrix(registries[0])
     plot_tasks_across_stages(out / "tasks_across_stages.png", matrices)
 
     lines = [f"# UNICON-FL simulation report: preset `{preset}`", ""]
     lines += [
-        f"- sites: {len(result.site_files)} ({', '.join(p.stem for p in result.site_files)})",
+        f"- sites: {len(result.site_files)} ({', '.join(_site_names(result.site_files))})",
         f"- stages: {', '.join(r['stage'] for r in reports)}",
-        f"- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.wall_time_s.items()),
+        "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.wall_time_s.items()),
         f"- registry: `{main_registry.relative_to(out)}`; long-format metrics: `metrics.csv` ({rows_written} rows)",
         "",
         "Metrics: classification AUC, prognosis Harrell's C-index, segmentation mean foreground Dice,",
@@ -285,19 +328,26 @@ def write_report(
         "|---|---|---|---|---|---|---|",
     ]
     for report in reports:
-        excluded = ", ".join(f"{s} ({why})" for s, why in report["excluded_sites"].items()) or "none"
+        excluded = (
+            ", ".join(f"{s} ({why})" for s, why in report["excluded_sites"].items()) or "none"
+        )
         lines.append(
             f"| {report['stage']} | {report['task']} | {', '.join(report['sites'])} | {excluded} | "
             f"{report['trainable_parameters']:,} / {report['total_parameters']:,} | {len(report['rounds'])} | "
             f"{report['wall_time_s']:.0f} s |"
         )
     lines += ["", "## Accuracy matrix (rows: after stage; columns: task)", ""]
-    lines += ["| after stage | " + " | ".join(matrix.tasks) + " |", "|---|" + "---|" * len(matrix.tasks)]
+    lines += [
+        "| after stage | " + " | ".join(matrix.tasks) + " |",
+        "|---|" + "---|" * len(matrix.tasks),
+    ]
     for stage in matrix.stages:
         cells = []
         for task in matrix.tasks:
             value = matrix.get(stage, task)
-            cells.append("" if value.value is None and value.reason == "not learned yet" else _fmt(value))
+            cells.append(
+                "" if value.value is None and value.reason == "not learned yet" else _fmt(value)
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     forgetting = matrix.forgetting()
     lines += [
@@ -319,7 +369,13 @@ def write_report(
                 lines.append(f"| {site} | {key} | {value:.4g} |")
             for key, reason in sorted(evaluation.get("undefined", {}).items()):
                 lines.append(f"| {site} | {key} | undefined: {reason} |")
-    lines += ["", "## Bytes on the wire", "", "| stage | round | sent per site | received per site | full model (FedAvg) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Bytes on the wire",
+        "",
+        "| stage | round | sent per site | received per site | full model (FedAvg) |",
+        "|---|---|---|---|---|",
+    ]
     for report in reports:
         for round_record in report["rounds"]:
             sites = max(1, len(round_record["bytes_sent"]))
@@ -342,25 +398,35 @@ def write_report(
     ]
     try:
         for stage, trainable, full in ctfm_bytes(curriculum_raw):
-            lines.append(f"| {stage} | {_human_bytes(trainable)} | {_human_bytes(full)} | {full / max(1, trainable):.0f}x |")
+            lines.append(
+                f"| {stage} | {_human_bytes(trainable)} | {_human_bytes(full)} | {full / max(1, trainable):.0f}x |"
+            )
     except Exception as error:  # the estimate must never cost the run its report
         logger.warning("ctfm byte estimate failed: %s", error)
         lines.append(f"| (estimate failed: {error}) | | | |")
 
     lines += ["", "## Methods compared on the same sites and seed", ""]
     tasks = matrix.tasks
-    lines += ["| method | " + " | ".join(tasks) + " | average | backward transfer | max forgetting | bytes | time |",
-              "|---|" + "---|" * (len(tasks) + 5)]
+    lines += [
+        "| method | "
+        + " | ".join(tasks)
+        + " | average | backward transfer | max forgetting | bytes | time |",
+        "|---|" + "---|" * (len(tasks) + 5),
+    ]
     for summary in summaries:
         defined_forgetting = [v.value for v in summary.forgetting.values() if v.value is not None]
         max_forgetting = max(defined_forgetting) if defined_forgetting else None
         lines.append(
-            f"| {summary.label} | " + " | ".join(_fmt(summary.final.get(t, MetricValue(None, 'not run'))) for t in tasks)
+            f"| {summary.label} | "
+            + " | ".join(_fmt(summary.final.get(t, MetricValue(None, "not run"))) for t in tasks)
             + f" | {_fmt(summary.average)} | {_fmt(summary.backward_transfer)} | {_fmt(max_forgetting)} | "
             f"{_human_bytes(summary.bytes_total)} | {summary.wall_time_s:.0f} s |"
         )
     if len(summaries) == 1:
-        lines += ["", "Run with `--compare` to add sequential fine-tuning and isolated per-task training."]
+        lines += [
+            "",
+            "Run with `--compare` to add sequential fine-tuning and isolated per-task training.",
+        ]
     lines += ["", "![metric per task across stages](tasks_across_stages.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

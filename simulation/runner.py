@@ -19,6 +19,7 @@ from client.site_config import load_site_config
 from client.validation import check_site
 from server.app import ServerSettings, create_server_app
 from server.curriculum import load_curriculum
+from server.federation import StageFailed
 from simulation.presets import PresetOptions, resolve_preset
 from unicon_model.log import configure_logging, get_logger
 
@@ -42,7 +43,11 @@ class Variant:
 
 UNICON = Variant("unicon", "UNICON (frozen backbone, new adapters and heads)")
 BASELINES = (
-    Variant("sequential", "sequential fine-tuning (shared parameters train, no consolidation)", train="shared"),
+    Variant(
+        "sequential",
+        "sequential fine-tuning (shared parameters train, no consolidation)",
+        train="shared",
+    ),
     Variant("isolated", "isolated per-task models (no transfer)", isolated=True),
 )
 
@@ -57,14 +62,20 @@ class SimulationResult:
     site_files: list[Path] = field(default_factory=list)
 
 
-def _variant_curriculum(raw: dict, variant: Variant) -> list[dict]:  # type: ignore[type-arg]
+def _variant_curriculum(raw: dict, variant: Variant) -> list[dict]:
     """Return one or more curricula (isolated: one per stage) for a variant."""
     raw = {**raw, "defaults": {**raw.get("defaults", {})}}
     if variant.isolated:
         curricula = []
         for stage in raw["stages"]:
             task = {k: v for k, v in stage["task"].items() if k != "depends_on"}
-            curricula.append({**raw, "name": f"{raw.get('name', 'curriculum')}-{stage['name']}", "stages": [{**stage, "task": task}]})
+            curricula.append(
+                {
+                    **raw,
+                    "name": f"{raw.get('name', 'curriculum')}-{stage['name']}",
+                    "stages": [{**stage, "task": task}],
+                }
+            )
         return curricula
     raw["defaults"]["train"] = variant.train
     raw["defaults"]["consolidation"] = variant.consolidation
@@ -76,19 +87,26 @@ def _run_flower(curriculum_file: Path, registry: Path, site_files: list[Path], r
 
     from client.app import create_client_app
 
-    settings = ServerSettings(curriculum=curriculum_file, registry=registry, run_id=run_id)
+    # Every simulated node is registered before the ServerApp starts, so there is nothing to wait for.
+    settings = ServerSettings(curriculum=curriculum_file, registry=registry, run_id=run_id, node_wait_s=0.0)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, min(len(site_files), os.cpu_count() or 1)), "include_dashboard": False},
+        "init_args": {
+            "num_cpus": max(1, min(len(site_files), os.cpu_count() or 1)),
+            "include_dashboard": False,
+        },
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=create_server_app(settings),
-            client_app=create_client_app(site_files),
-            num_supernodes=len(site_files),
-            backend_config=backend_config,  # type: ignore[arg-type]
-        )
+        try:
+            run_simulation(
+                server_app=create_server_app(settings),
+                client_app=create_client_app(site_files),
+                num_supernodes=len(site_files),
+                backend_config=backend_config,  # type: ignore[arg-type]
+            )
+        except StageFailed as error:
+            raise SimulationError(str(error)) from error
     from server.registry import Registry
 
     versions = Registry(registry).versions()
@@ -128,9 +146,17 @@ def run_preset(
         if not site_files:
             raise SimulationError(f"--sites-dir {options.sites_dir}: no site YAML files found")
     else:
-        site_files = preset.build_sites(options, out / "sites")
+        try:
+            site_files = preset.build_sites(options, out / "sites")
+        except (ValueError, OSError) as error:
+            raise SimulationError(f"building the {preset_name} sites failed: {error}") from error
     result.site_files = site_files
-    logger.info("preset %s: %d sites built in %.1f s", preset_name, len(site_files), time.monotonic() - started)
+    logger.info(
+        "preset %s: %d sites built in %.1f s",
+        preset_name,
+        len(site_files),
+        time.monotonic() - started,
+    )
     check_sites(site_files)
 
     raw = preset.curriculum(options)
@@ -140,10 +166,19 @@ def run_preset(
         for part, curriculum_raw in enumerate(_variant_curriculum(raw, variant)):
             suffix = f"-{part}" if variant.isolated else ""
             curriculum_file = out / f"curriculum-{variant.name}{suffix}.yaml"
-            curriculum_file.write_text(yaml.safe_dump(curriculum_raw, sort_keys=False), encoding="utf-8")
-            registry = out / ("registry" if variant is UNICON else f"baselines/{variant.name}{suffix}/registry")
+            curriculum_file.write_text(
+                yaml.safe_dump(curriculum_raw, sort_keys=False), encoding="utf-8"
+            )
+            registry = out / (
+                "registry" if variant is UNICON else f"baselines/{variant.name}{suffix}/registry"
+            )
             logger.info("variant %s: running %s", variant.name, curriculum_file.name)
-            _run_flower(curriculum_file, registry, site_files, run_id=f"{preset_name}-{variant.name}{suffix}")
+            _run_flower(
+                curriculum_file,
+                registry,
+                site_files,
+                run_id=f"{preset_name}-{variant.name}{suffix}",
+            )
             result.registries[f"{variant.name}{suffix}"] = registry
         result.wall_time_s[variant.name] = round(time.monotonic() - variant_start, 1)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-# The repository sits next to ``shared/`` (for example /work/main and /work/shared).
+# The real studies live outside the repository, in ``shared/`` next to its folder.
 REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 requires_real_data = pytest.mark.skipif(

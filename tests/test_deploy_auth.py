@@ -300,25 +300,62 @@ def supernodes() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Path]]
         stop_supernode(proc)
 
 
+@pytest.fixture(scope="module")
+def connected_site(
+    pki: PilotPki, federation: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The registered site hospital-a, connected through its own SuperNode."""
+    work = tmp_path_factory.mktemp("hospital-a")
+    site = work / "site.yaml"
+    site.write_text("site: hospital-a\nstate_dir: state\ndatasets: []\n")
+    output = work / "supernode.log"
+    proc = start_supernode(
+        federation["address"],
+        pki.ca_certificate,
+        pki.sites["hospital-a"].private_key,
+        site,
+        output,
+        clientapp_port=_free_port(),
+        flwr_home=work / "flwr-home",
+    )
+    try:
+        node_id = wait_for_supernode(proc, output, federation["address"], timeout=45)
+        yield {"proc": proc, "node_id": node_id, "site_yaml": site}
+    finally:
+        stop_supernode(proc)
+
+
 @pytest.mark.slow
 def test_registered_supernode_connects(
+    federation: dict[str, Any], connected_site: dict[str, Any]
+) -> None:
+    node_id = connected_site["node_id"]
+
+    assert node_id == federation["node_id"]
+    assert connected_site["proc"].poll() is None
+    nodes = {int(n["node-id"]): n for n in list_nodes(federation["home"])}
+    assert nodes[node_id]["status"] == "online"
+
+
+@pytest.mark.slow
+def test_second_supernode_same_key_rejected(
     pki: PilotPki,
     federation: dict[str, Any],
+    connected_site: dict[str, Any],
     supernodes: Callable[..., tuple[subprocess.Popen[bytes], Path]],
-    site_yaml: Path,
     tmp_path: Path,
 ) -> None:
     key = pki.sites["hospital-a"].private_key
-    proc, output = supernodes(
-        federation["address"], pki.ca_certificate, key, site_yaml, tmp_path / "a.log"
+    address = federation["address"]
+    second, output = supernodes(
+        address, pki.ca_certificate, key, connected_site["site_yaml"], tmp_path / "2.log"
     )
 
-    node_id = wait_for_supernode(proc, output, federation["address"], timeout=45)
+    with pytest.raises(SuperNodeRejectedError, match="already online"):
+        wait_for_supernode(second, output, address, auth_key=key, timeout=45)
 
-    assert node_id == federation["node_id"]
-    assert proc.poll() is None
-    nodes = {int(n["node-id"]): n for n in list_nodes(federation["home"])}
-    assert nodes[node_id]["status"] == "online"
+    assert second.returncode not in (None, 0)
+    assert connected_site["proc"].poll() is None
 
 
 @pytest.mark.slow
@@ -343,31 +380,6 @@ def test_unregistered_supernode_rejected(
     assert check_auth_key(key) in message
     assert "not registered" in message
     assert "unicon admin register-site" in message
-
-
-@pytest.mark.slow
-def test_second_supernode_same_key_rejected(
-    pki: PilotPki,
-    federation: dict[str, Any],
-    supernodes: Callable[..., tuple[subprocess.Popen[bytes], Path]],
-    site_yaml: Path,
-    tmp_path: Path,
-) -> None:
-    key = pki.sites["hospital-a"].private_key
-    address = federation["address"]
-    first, first_output = supernodes(
-        address, pki.ca_certificate, key, site_yaml, tmp_path / "1.log"
-    )
-    wait_for_supernode(first, first_output, address, timeout=45)
-
-    second, second_output = supernodes(
-        address, pki.ca_certificate, key, site_yaml, tmp_path / "2.log"
-    )
-    with pytest.raises(SuperNodeRejectedError, match="already online"):
-        wait_for_supernode(second, second_output, address, auth_key=key, timeout=45)
-
-    assert second.returncode not in (None, 0)
-    assert first.poll() is None
 
 
 @pytest.mark.slow

@@ -62,9 +62,10 @@ def mean(values: list[float]) -> float:
 
 def test_model_classification_head_learns() -> None:
     generator = torch.Generator().manual_seed(0)
-    images, masks = blob_images(96, generator)
+    images, _ = blob_images(96, generator)
     present = torch.rand(96, generator=generator) < 0.5
-    images = torch.where(present[:, None, None, None, None], images, 0.2 * torch.rand_like(images))
+    background = 0.2 * torch.rand(images.shape, generator=generator)
+    images = torch.where(present[:, None, None, None, None], images, background)
     data = {"image": images, "class": present.long()}
     model = UniconModel(BackboneConfig.preset("tiny"), seed=0)
     spec = TaskSpec("ct_cls", "classification", "ct")
@@ -81,7 +82,8 @@ def test_model_prognosis_head_learns() -> None:
     generator = torch.Generator().manual_seed(1)
     images, masks = blob_images(96, generator)
     present = torch.rand(96, generator=generator) < 0.5
-    images = torch.where(present[:, None, None, None, None], images, 0.2 * torch.rand_like(images))
+    background = 0.2 * torch.rand(images.shape, generator=generator)
+    images = torch.where(present[:, None, None, None, None], images, background)
     # A ball shortens survival, the more so the larger it is; times are noisy, 20% censored.
     volume = masks.flatten(1).float().sum(dim=1) / 100.0 * present
     noise = torch.exp(0.2 * torch.randn(96, generator=generator))

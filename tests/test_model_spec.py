@@ -74,7 +74,7 @@ def test_spec_backbone_groups_must_divide_filters() -> None:
 def test_spec_unknown_preset_and_key_rejected() -> None:
     with pytest.raises(ModelSpecError, match="Did you mean 'tiny'"):
         BackboneConfig.preset("tin")
-    with pytest.raises(ModelSpecError, match="unknown key 'adapter_rnk'.*adapter_rank"):
+    with pytest.raises(ModelSpecError, match=r"unknown key 'adapter_rnk'.*adapter_rank"):
         BackboneConfig.from_dict({"adapter_rnk": 4})
 
 

@@ -251,8 +251,9 @@ def test_dataset_crops_find_foreground(tmp_path: Path) -> None:
 
     with_foreground = sum(int(dataset[0]["label"].sum() > 0) for _ in range(20))
 
-    # A uniform random 16^3 crop of a 48^3 volume holds this 2^3 object about 4 % of the
-    # time; foreground-aware sampling centres half of the crops on it.
+    # A uniform random 16^3 crop of this 48^3 volume contains the 2^3 object with
+    # probability (7 * 6 * 15) / 33^3, about 2 %. Foreground-aware sampling centres
+    # half of the crops on it.
     assert with_foreground >= 5
 
 
@@ -307,12 +308,13 @@ def test_cache_reused_without_decoding(tmp_path: Path) -> None:
     second = load_task_dataset(site, "ct_seg", CONFIG, "test", False, num_classes=2)[0]
 
     assert len(entries) == 2
-    assert entries[0].endswith(".json") and entries[1].endswith(".safetensors")
+    assert entries[0].endswith(".json")
+    assert entries[1].endswith(".safetensors")
     assert torch.equal(first["image"], second["image"])
     assert torch.equal(first["label"], second["label"])
     uncached = TaskDataset([_case_named(site, "c2")], site.datasets[0], CONFIG, False, 2,
                            tmp_path / "fresh-cache")
-    with pytest.raises(CaseDataError, match="ct2.nii.gz"):
+    with pytest.raises(CaseDataError, match=r"ct2\.nii\.gz"):
         uncached[0]
 
 
@@ -330,3 +332,15 @@ def test_cache_key_changes_with_file_and_settings(tmp_path: Path) -> None:
 
     assert len({key, wider, touched}) == 3
     assert other_patch == key
+
+
+def test_cache_corrupt_entry_recomputed(tmp_path: Path) -> None:
+    site = _seg_site(tmp_path)
+    first = load_task_dataset(site, "ct_seg", CONFIG, "test", False, num_classes=2)[0]
+    (tensor_file,) = (site.cache_dir / "ct_seg").glob("*.safetensors")
+    tensor_file.write_bytes(b"not a safetensors file")
+
+    second = load_task_dataset(site, "ct_seg", CONFIG, "test", False, num_classes=2)[0]
+
+    assert torch.equal(first["image"], second["image"])
+    assert tensor_file.stat().st_size > 100

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -154,6 +155,18 @@ def test_fault_label_without_overlap_rejected(tmp_path: Path) -> None:
     assert not report.ok
     assert _rules(report.issues, Severity.ERROR) == ["no-overlap"]
     assert report.issues[0].file.endswith("label.nii.gz")
+
+
+def test_fault_no_orientation_warned(tmp_path: Path) -> None:
+    (tmp_path / "ct.nii").write_bytes(nib.Nifti1Image(_ct(), None).to_bytes())
+    issues: list[Issue] = []
+
+    volume = decode_volume(tmp_path / "ct.nii", "ct", issues)
+
+    assert volume is not None
+    assert [(i.rule, i.severity, i.value) for i in issues] == [
+        ("no-orientation", Severity.WARNING, "0/0")
+    ]
 
 
 # --------------------------------------------------------------------------- frames and scaling

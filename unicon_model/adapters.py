@@ -3,7 +3,7 @@
 Each adapted convolution ``W`` computes ``W x + U(D x)`` for its task, where ``D`` is a
 1x1x1 convolution from ``in`` to ``r`` channels (with the convolution's stride) and ``U``
 a 1x1x1 convolution from ``r`` to ``out`` channels. ``U`` starts at zero, so a freshly
-grown task sees exactly the frozen backbone. This is the LoRA idea (Hu et al., "LoRA:
+grown task computes exactly the frozen backbone's features. This is the LoRA idea (Hu et al., "LoRA:
 Low-Rank Adaptation of Large Language Models", ICLR 2022) restricted to the channel
 mixing of a 3D convolution. Both paths are ``nn.Conv3d`` modules called as modules, so
 Opacus computes their per-sample gradients with its standard hooks.

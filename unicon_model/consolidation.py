@@ -18,9 +18,10 @@ The model may be wrapped by Opacus's ``GradSampleModule``: parameter names are r
 its ``_module.`` prefix removed.
 
 NOTE: under DP-SGD, Opacus replaces each parameter's ``.grad`` with the clipped and
-noised sum of per-sample gradients, so the gradient of a penalty that depends on the
-parameters only (EWC, L2-SP) is lost unless the training loop adds it after Opacus
-privatizes the data gradient. LwF's penalty depends on the images and is clipped with them.
+noised sum of per-sample gradients. The gradient of a penalty that depends on the
+parameters only (EWC, L2-SP) is therefore lost unless the training loop adds it after
+Opacus privatizes the data gradient. LwF's penalty depends on the images and is clipped
+with them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unicon_model.log import get_logger
-from unicon_model.losses import task_loss
+from unicon_model.losses import batch_value, task_loss
 from unicon_model.model import UniconModel
 from unicon_model.spec import TaskSpec
 
@@ -168,7 +169,7 @@ class L2SP:
 
 
 def can_derive_modality(source: str, target: str) -> bool:
-    """Whether images of modality ``source`` contain the input of modality ``target``."""
+    """Return whether images of modality ``source`` contain the input of modality ``target``."""
     return source == target or (source == "petct" and target in ("ct", "pet"))
 
 
@@ -297,9 +298,9 @@ def diagonal_fisher(
 
     ``F_k = mean over batches of (d L_batch / d theta_k)^2``, where ``L_batch`` is the task
     loss (:func:`~unicon_model.losses.task_loss`) averaged over one batch. Squaring
-    batch-mean gradients instead of per-sample ones is cheaper and scales the estimate
-    down roughly by the batch size when per-sample gradients are uncorrelated, so sites
-    that merge Fishers should use the same batch size (the EWC weight absorbs the scale).
+    batch-mean gradients instead of per-sample ones is cheaper. When per-sample gradients
+    are uncorrelated, it scales the estimate down by about the batch size, so sites that
+    merge Fishers should use the same batch size. The EWC weight absorbs the scale.
 
     Parameters
     ----------
@@ -329,7 +330,7 @@ def diagonal_fisher(
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         for batch in batches:
-            output = model(batch["image"].to(device), task=task)
+            output = model(batch_value(batch, "image", spec).to(device), task=task)
             loss = task_loss(spec, output, batch)
             gradients = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
             for name, gradient in zip(parameters, gradients, strict=True):

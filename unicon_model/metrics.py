@@ -42,11 +42,14 @@ class MetricValue:
         return {"value": self.value, "reason": self.reason}
 
 
-def mean_defined(values: Iterable[MetricValue], what: str) -> MetricValue:
-    """Average the defined values; undefined when none is defined (``what`` names them)."""
+def mean_defined(values: Iterable[MetricValue], description: str) -> MetricValue:
+    """Average the defined values, or return undefined when none is defined.
+
+    ``description`` names the values in the reason, for example ``"final scores"``.
+    """
     numbers = [value.value for value in values if value.value is not None]
     if not numbers:
-        return MetricValue.undefined(f"no defined {what} to average")
+        return MetricValue.undefined(f"no defined {description} to average")
     return MetricValue(float(np.mean(numbers)))
 
 
@@ -63,7 +66,7 @@ def dice_per_class(prediction: Tensor, target: Tensor, num_classes: int) -> dict
     """Dice of each foreground class for one case.
 
     Convention for empty masks: when a class is absent from both the prediction and the
-    truth, Dice is undefined and the class is left out of the result for that case; a
+    truth, Dice is undefined and the class is left out of the result for that case. A
     class present in only one of them scores 0.
 
     Parameters
@@ -216,9 +219,9 @@ def concordance_index(
 class AccuracyMatrix:
     """Scores of every task after every stage: ``R[l, i]`` is task ``i`` after stage ``l``.
 
-    Rows are stages in the order they were added; stage ``l`` trains task ``trained[l]``,
-    and a task's diagonal entry ``R[i, i]`` is its score right after the first stage that
-    trained it. ``T`` below is the last stage added. Undefined entries (task not evaluated,
+    Rows are stages in the order they were added, and stage ``l`` trains task
+    ``trained[l]``. A task's diagonal entry ``R[i, i]`` is its score right after the first
+    stage that trained it. ``T`` below is the last stage added. Undefined entries (task not evaluated,
     metric undefined) are left out of every average, with the reason kept.
 
     Parameters

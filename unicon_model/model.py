@@ -254,22 +254,22 @@ class UniconModel(nn.Module):
         if finetune_shared:
             used = ["backbone", f"stems.{spec.modality}"]
             shared = [name for name in self._names_under(used) if name not in new]
-        taken = {*new, *shared}
-        frozen = [name for name, _ in self.named_parameters() if name not in taken]
+        assigned = {*new, *shared}
+        frozen = [name for name, _ in self.named_parameters() if name not in assigned]
         return TrainableSets(new=new, shared=shared, frozen=frozen)
 
     def set_trainable(self, names: Iterable[str]) -> None:
         """Set ``requires_grad`` to True for exactly ``names`` and False for all others."""
-        wanted = set(names)
+        requested = set(names)
         parameters = dict(self.named_parameters())
-        unknown = sorted(wanted - set(parameters))
+        unknown = sorted(requested - set(parameters))
         if unknown:
             raise ModelInputError(
                 f"set_trainable: unknown parameter names {unknown[:5]}"
                 f"{' ...' if len(unknown) > 5 else ''}; names must come from named_parameters()."
             )
         for name, parameter in parameters.items():
-            parameter.requires_grad_(name in wanted)
+            parameter.requires_grad_(name in requested)
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Return the shape of every parameter by name (for checking tensors received)."""

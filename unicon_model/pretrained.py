@@ -172,7 +172,7 @@ def load_backbone_checkpoint(model: UniconModel, path: Path) -> list[str]:
         )
 
     parameters = dict(model.named_parameters())
-    targets = [name for name in parameters if name.startswith("backbone.") or name == _STEM_KEY]
+    targets = [_STEM_KEY, *(name for name in parameters if name.startswith("backbone."))]
     missing = [name for name in targets if name not in mapped]
     unexpected += [key for name, key in mapped.items() if name not in parameters]
     mismatched = [

@@ -151,7 +151,7 @@ def build_model(spec: ModelSpec, seed: int | None = None) -> UniconModel:
 def save_model(model: UniconModel, directory: Path) -> str:
     """Write ``spec.json`` and ``weights.safetensors`` of a model and return its version id.
 
-    The weights are written first and the spec last, each atomically. ``spec.json`` holds
+    The weights are written first and the spec last, each atomically. ``spec.json`` contains
     :meth:`ModelSpec.to_dict` plus a ``weights`` entry with the file name, version id and
     group hashes.
     """
