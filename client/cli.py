@@ -2,21 +2,44 @@
 
 Each subcommand is one entry of ``_SUBCOMMANDS``: a name, a help line, a function
 that adds its arguments and a handler ``fn(args) -> exit status``. Adding a
-subcommand (``start``, ``audit``) takes one entry and those two functions.
+subcommand takes one entry and those two functions.
+
+- ``check``: decode and check every file the site YAML names;
+- ``start``: check the site, then run its Flower SuperNode (see
+  :mod:`client.supernode`) until Ctrl+C or SIGTERM;
+- ``audit``: print the totals of the site's audit log (see :mod:`client.audit`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+from client.audit import summarize_audit
 from client.site_config import SiteConfigError, load_site_config
+from client.supernode import (
+    SuperNodeError,
+    start_supernode,
+    stop_supernode,
+    supernode_command,
+    wait_for_supernode,
+)
 from client.validation import check_site
+from unicon_model.log import get_logger
+
+logger = get_logger(__name__)
+
+SUPERNODE_LOG = Path("logs") / "supernode.log"
 
 
 @dataclass(frozen=True)
@@ -43,7 +66,7 @@ def add_site_commands(subparsers: Any) -> argparse.ArgumentParser:
     """
     site_parser: argparse.ArgumentParser = subparsers.add_parser(
         "site",
-        help="commands for hospital IT: check a site's data",
+        help="commands for hospital IT: check a site's data, run its SuperNode, read its audit log",
         description="Commands run at a hospital site, next to its own studies.",
     )
     site_commands = site_parser.add_subparsers(
@@ -107,11 +130,239 @@ def run_site_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_start_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, metavar="SITE.yaml", help="the site YAML file")
+    parser.add_argument(
+        "--superlink",
+        required=True,
+        metavar="HOST:PORT",
+        help="address of the federation's SuperLink, from the admin",
+    )
+    parser.add_argument(
+        "--root-certificates",
+        type=Path,
+        metavar="CA",
+        help="CA certificate (ca.crt from the admin) that signed the SuperLink's TLS "
+        "certificate (default: the system's trusted CAs)",
+    )
+    parser.add_argument(
+        "--auth-key",
+        type=Path,
+        metavar="KEY",
+        help="this site's private authentication key (auth_key, OpenSSH EC P-384); "
+        "required unless --insecure",
+    )
+    parser.add_argument(
+        "--clientapp-port",
+        type=int,
+        metavar="N",
+        help="port of the SuperNode's ClientApp API on 127.0.0.1 (default: 9094); two "
+        "SuperNodes on one host need different ports",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no node authentication, for a rehearsal against a SuperLink "
+        "started with --insecure: model updates travel in clear text",
+    )
+    parser.add_argument(
+        "--flwr-home",
+        type=Path,
+        help="FLWR_HOME of the SuperNode, where it unpacks each run's app (default: the "
+        "inherited FLWR_HOME, else ~/.flwr)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for the SuperLink to accept the node before a warning; the "
+        "SuperNode keeps retrying after it (default: 60)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        action="append",
+        default=[],
+        metavar="TASK=K",
+        help="as for `unicon site check`, used by the check that runs before start-up",
+    )
+
+
+class _StopRequested(Exception):
+    """SIGTERM reached `unicon site start`; the handler turns it into this exception."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Raise :class:`_StopRequested` on SIGTERM inside the block (main thread only)."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise _StopRequested
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:
+        # signal.signal works only in the main thread; elsewhere SIGTERM keeps its handler.
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_site_start(args: argparse.Namespace) -> int:
+    """Check the site, start its SuperNode and keep it running until Ctrl+C or SIGTERM.
+
+    Returns
+    -------
+    int
+        0 after a requested stop; 1 when the site is unusable, the SuperNode cannot
+        start or connect, or it exits by itself; 2 on a missing authentication key.
+    """
+    if args.auth_key is None and not args.insecure:
+        print(
+            "error: --auth-key is missing. A SuperLink with node authentication accepts "
+            "only registered site keys: pass this site's private key (auth_key), or "
+            "--insecure for a rehearsal against a SuperLink started with --insecure.",
+            file=sys.stderr,
+        )
+        return 2
+
+    # Every check that needs no process runs first, so a bad file fails before start-up.
+    try:
+        num_classes = _parse_num_classes(args.num_classes)
+        config = load_site_config(args.config)
+        supernode_command(
+            args.superlink,
+            args.root_certificates,
+            args.auth_key,
+            config.source,
+            clientapp_port=args.clientapp_port,
+            insecure=args.insecure,
+        )
+    except (SiteConfigError, SuperNodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    report = check_site(config, num_classes)
+    if not report.ok:
+        print(report.to_text())
+        print(
+            f"error: site {config.site} is not usable, so its SuperNode was not started: "
+            f"fix the errors above and run `unicon site check {args.config}` again.",
+            file=sys.stderr,
+        )
+        return 1
+
+    output_file = config.state_dir / SUPERNODE_LOG
+    proc = start_supernode(
+        args.superlink,
+        args.root_certificates,
+        args.auth_key,
+        config.source,
+        output_file,
+        clientapp_port=args.clientapp_port,
+        insecure=args.insecure,
+        flwr_home=args.flwr_home,
+    )
+    print(f"Site {config.site}: SuperNode started (PID {proc.pid}), output in {output_file}")
+    sys.stdout.flush()
+
+    try:
+        with _sigterm_raises():
+            node_id = _wait_until_connected(proc, output_file, args)
+            if node_id is None:
+                return 1
+            print(
+                f"Site {config.site}: connected to the SuperLink at {args.superlink} as node "
+                f"{node_id}; stop with Ctrl+C or SIGTERM (kill {os.getpid()})"
+            )
+            sys.stdout.flush()
+            status = proc.wait()
+    except (KeyboardInterrupt, _StopRequested):
+        logger.info("Stop requested for site %s", config.site)
+        stop_supernode(proc)
+        return 0
+    finally:
+        # Never leave the SuperNode behind, whatever ended this function.
+        if proc.poll() is None:
+            stop_supernode(proc)
+
+    logger.error(
+        "SuperNode of site %s (PID %d) exited by itself with status %d; see %s",
+        config.site,
+        proc.pid,
+        status,
+        output_file,
+    )
+    return 1
+
+
+def _wait_until_connected(
+    proc: subprocess.Popen[bytes], output_file: Path, args: argparse.Namespace
+) -> int | None:
+    """Return the node ID once connected; None after printing why the SuperNode exited."""
+    while True:
+        try:
+            return wait_for_supernode(
+                proc,
+                output_file,
+                args.superlink,
+                root_certificates=args.root_certificates,
+                auth_key=args.auth_key,
+                timeout=args.connect_timeout,
+            )
+        except SuperNodeError as error:
+            if proc.poll() is not None:
+                print(f"error: {error}", file=sys.stderr)
+                return None
+            # Still running: the SuperLink is down or unreachable and Flower keeps retrying.
+            logger.warning("%s Still waiting.", error)
+
+
+def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, metavar="SITE.yaml", help="the site YAML file")
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as JSON instead of text"
+    )
+
+
+def run_site_audit(args: argparse.Namespace) -> int:
+    """Print the totals of the site's audit log; return 0, or 1 on an invalid site YAML."""
+    try:
+        config = load_site_config(args.config)
+    except SiteConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    summary = summarize_audit(config.state_dir)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(summary.to_text())
+    return 0
+
+
 _SUBCOMMANDS = (
     _Subcommand(
         name="check",
         help="decode and check every file of a site; exit status 0 when the site is usable",
         add_arguments=_add_check_arguments,
         handler=run_site_check,
+    ),
+    _Subcommand(
+        name="start",
+        help="check the site, then run its Flower SuperNode connected to the federation's "
+        "SuperLink until Ctrl+C or SIGTERM",
+        add_arguments=_add_start_arguments,
+        handler=run_site_start,
+    ),
+    _Subcommand(
+        name="audit",
+        help="print the totals of what this site sent: replies, tensors and bytes per "
+        "message type and stage",
+        add_arguments=_add_audit_arguments,
+        handler=run_site_audit,
     ),
 )

@@ -37,6 +37,11 @@ def add_simulation_commands(commands: Any) -> None:
         help="folder of site YAML files to use instead of the preset's sites",
     )
     parser.add_argument(
+        "--curriculum",
+        type=Path,
+        help="curriculum YAML to run instead of the preset's (the sites still come from the preset)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="output folder (default: runs/<preset>-<date>-<time>)"
     )
     parser.add_argument("--sites", type=int, dest="num_sites", help="number of virtual hospitals")
@@ -67,6 +72,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data,
         sites_dir=args.sites_dir,
+        curriculum=args.curriculum,
     )
     for name, value in (("--sites", args.num_sites), ("--rounds", args.rounds)):
         if value is not None and value < 1:

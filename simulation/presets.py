@@ -32,6 +32,7 @@ class PresetOptions:
     seed: int = 0
     data_dir: Path | None = None
     sites_dir: Path | None = None
+    curriculum: Path | None = None
 
 
 @dataclass(frozen=True)

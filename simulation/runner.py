@@ -79,6 +79,12 @@ def _variant_curriculum(raw: dict, variant: Variant) -> list[dict]:
         return curricula
     raw["defaults"]["train"] = variant.train
     raw["defaults"]["consolidation"] = variant.consolidation
+    if variant is not UNICON:
+        # A baseline overrides every stage, also stages that set their own mode.
+        raw["stages"] = [
+            {**stage, "train": variant.train, "consolidation": variant.consolidation}
+            for stage in raw["stages"]
+        ]
     return [raw]
 
 
@@ -88,7 +94,9 @@ def _run_flower(curriculum_file: Path, registry: Path, site_files: list[Path], r
     from client.app import create_client_app
 
     # Every simulated node is registered before the ServerApp starts, so there is nothing to wait for.
-    settings = ServerSettings(curriculum=curriculum_file, registry=registry, run_id=run_id, node_wait_s=0.0)
+    settings = ServerSettings(
+        curriculum=curriculum_file, registry=registry, run_id=run_id, node_wait_s=0.0
+    )
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
@@ -159,7 +167,13 @@ def run_preset(
     )
     check_sites(site_files)
 
-    raw = preset.curriculum(options)
+    if options.curriculum is not None:
+        raw = load_curriculum(options.curriculum).to_dict()
+        if options.rounds is not None:
+            for stage in raw["stages"]:
+                stage["rounds"] = options.rounds
+    else:
+        raw = preset.curriculum(options)
     variants = [UNICON, *(BASELINES if compare else ())]
     for variant in variants:
         variant_start = time.monotonic()

@@ -1,0 +1,611 @@
+"""Pretraining of the tiny backbone at the coordinating centre, on a generated public cohort.
+
+UNICON keeps a pretrained foundation backbone frozen and trains only adapters and
+heads. No pretrained weights of the ``tiny`` layout exist offline, so simulations
+pretrain one here, before the federation starts, the way a CT foundation model is
+trained on public scans before hospitals use it.
+
+Public cohort
+    Thoracic phantoms from :mod:`simulation.generate` (same anatomy, lesions, scanner
+    effects and CT noise as the virtual hospitals), drawn from a random stream that
+    the site generator never uses: site draws are seeded ``[seed, s, ...]`` with
+    ``s`` in 0..5, the public cohort ``[seed, PUBLIC_COHORT_STREAM, ...]``. The cohort
+    is rendered in memory and never contains a site's case. Each case is rendered on a
+    scanner-like grid, then resampled to a RAS grid of 3.2-4.4 mm voxels (drawn per
+    case, to cover the stage spacing and the rescaling of whole-volume tasks) and
+    windowed like a site's CT.
+
+Pretext task (tissue segmentation plus denoising)
+    A temporary decoder (:class:`unicon_model.heads.SegmentationHead` with one output
+    per tissue class and one reconstruction channel) reads the encoder's feature maps
+    and predicts, per voxel, the tissue class of the phantom (air, fat, soft tissue
+    including heart and bladder, lung, bone including marrow, and dense nodules, the
+    lung lesions) and the noise-free CT from an input with extra CT noise. The loss is
+    Dice plus cross-entropy on the tissue classes plus ``reconstruction_weight`` times
+    the L1 error of the reconstruction divided by ``_RECONSTRUCTION_SCALE``. The decoder
+    is thrown away. This mirrors CT foundation models pretrained on public anatomy
+    segmentations; the nodule class means the cohort is annotated for nodules, as
+    public lung CT collections are.
+
+Output
+    ``backbone.safetensors`` in the key layout of MONAI's ``SegResNet``
+    (``convInit.conv.weight`` for the CT stem, ``down_layers.*`` for the encoder), which
+    :func:`unicon_model.pretrained.load_backbone_checkpoint` reads, and
+    ``backbone.json``, a card with the pretext, settings, cache key, loss curve,
+    held-out tissue Dice, wall time and the file's SHA-256.
+
+Cache
+    :func:`cached_backbone` keeps one folder per settings hash,
+    ``<cache_dir>/<cache key>/``, and reuses it while its card names the same key and
+    the weights file still has the recorded SHA-256. Simulation presets use
+    ``<parent of the run's out dir>/.pretrained/`` (``runs/.pretrained/`` for the
+    default ``runs/<preset>-<time>`` out dirs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from safetensors.torch import save_file
+from scipy import ndimage
+from torch import Tensor
+
+from simulation.generate import (
+    AIR,
+    BLADDER,
+    BONE,
+    DEFAULT_SHAPE,
+    FAT,
+    HEART,
+    LUNG,
+    MARROW,
+    SOFT_TISSUE,
+    CaseDraw,
+    Grid,
+    SiteProfile,
+    _draw_phantom,
+    render_ct,
+    write_json,
+)
+from unicon_model.heads import SegmentationHead
+from unicon_model.log import get_logger
+from unicon_model.model import BASE_MODALITY, UniconModel
+from unicon_model.spec import BackboneConfig
+
+logger = get_logger(__name__)
+
+PRETRAIN_FORMAT_VERSION = 1
+PUBLIC_COHORT_STREAM = 101
+"""Second seed word of the public cohort's random streams (the site generator uses 0..5)."""
+
+WEIGHTS_FILE = "backbone.safetensors"
+CARD_FILE = "backbone.json"
+
+TISSUE_CLASSES: tuple[str, ...] = ("air", "fat", "soft_tissue", "lung", "bone", "nodule")
+NODULE_CLASS = TISSUE_CLASSES.index("nodule")
+
+# Phantom tissue code -> pretext class; heart and bladder have soft-tissue density.
+_TISSUE_TO_CLASS = np.zeros(8, dtype=np.int64)
+for _code, _name in (
+    (AIR, "air"),
+    (FAT, "fat"),
+    (SOFT_TISSUE, "soft_tissue"),
+    (HEART, "soft_tissue"),
+    (BLADDER, "soft_tissue"),
+    (LUNG, "lung"),
+    (BONE, "bone"),
+    (MARROW, "bone"),
+):
+    _TISSUE_TO_CLASS[_code] = TISSUE_CLASSES.index(_name)
+
+# Scanner-like source grids, as drawn for the virtual hospitals.
+_IN_PLANE_SPACING_MM = (2.3, 2.8)
+_SLICE_SPACING_CHOICES_MM = (3.0, 3.5, 4.0, 5.0)
+
+# Windowed CT noise is about 0.01-0.04 (15-60 HU over a 1400 HU window); dividing the
+# L1 error by this puts the reconstruction loss on the scale of the segmentation loss.
+_RECONSTRUCTION_SCALE = 0.02
+_HELD_OUT_VOLUMES = 4
+_LOG_EVERY = 10
+
+
+class PretrainError(ValueError):
+    """Pretraining settings that cannot be used, or a cache folder that cannot be written."""
+
+
+def _tiny_backbone() -> BackboneConfig:
+    return BackboneConfig.preset("tiny")
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that changes the pretrained weights; its hash is the cache key.
+
+    Attributes
+    ----------
+    backbone : BackboneConfig
+        Encoder layout (default ``tiny``); must match the curriculum's ``model.backbone``.
+    steps : int
+        Optimizer steps (default 300).
+    batch_size : int
+        Patches per step.
+    learning_rate : float
+        Adam learning rate, cosine-decayed to zero over ``steps``.
+    num_volumes : int
+        Public training volumes rendered once and cropped at random.
+    patch_size : tuple of 3 int
+        Crop size in voxels; each side a multiple of the encoder's size divisor.
+    spacing_mm : tuple of 2 float
+        Range of the isotropic voxel size (mm) each public volume is resampled to.
+    ct_window : tuple of 2 float
+        Hounsfield units mapped to 0 and 1, as in the stage preprocessing.
+    noise_hu : tuple of 2 float
+        Range of the standard deviation (HU) of the CT noise in the input.
+    reconstruction_weight : float
+        Weight of the denoising loss next to the tissue segmentation loss.
+    seed : int
+        Seed of the public cohort, the crops and the initialization.
+    """
+
+    backbone: BackboneConfig = field(default_factory=_tiny_backbone)
+    steps: int = 300
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+    num_volumes: int = 48
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    spacing_mm: tuple[float, float] = (3.2, 4.4)
+    ct_window: tuple[float, float] = (-1000.0, 400.0)
+    noise_hu: tuple[float, float] = (15.0, 60.0)
+    reconstruction_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_volumes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PretrainError(
+                    f"PretrainSettings.{name} is {value!r}; give an integer of at least 1"
+                )
+        divisor = self.backbone.size_divisor
+        if len(self.patch_size) != 3 or any(side % divisor or side < 1 for side in self.patch_size):
+            raise PretrainError(
+                f"PretrainSettings.patch_size is {self.patch_size!r}; give three positive sizes, "
+                f"each a multiple of {divisor} for this backbone"
+            )
+        low, high = self.spacing_mm
+        if not 0 < low <= high:
+            raise PretrainError(
+                f"PretrainSettings.spacing_mm is {self.spacing_mm!r}; give (low, high) in mm "
+                "with 0 < low <= high"
+            )
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise PretrainError(
+                f"PretrainSettings.ct_window is {self.ct_window!r}; give (low, high) HU with "
+                "low < high"
+            )
+        if not 0 <= self.noise_hu[0] <= self.noise_hu[1]:
+            raise PretrainError(
+                f"PretrainSettings.noise_hu is {self.noise_hu!r}; give (low, high) HU with "
+                "0 <= low <= high"
+            )
+        if not self.learning_rate > 0 or not self.reconstruction_weight >= 0:
+            raise PretrainError(
+                f"PretrainSettings: learning_rate {self.learning_rate!r} must be positive and "
+                f"reconstruction_weight {self.reconstruction_weight!r} non-negative"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise PretrainError(
+                f"PretrainSettings.seed is {self.seed!r}; give a non-negative integer"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as JSON-ready values."""
+        raw = dataclasses.asdict(self)
+        raw["backbone"] = self.backbone.to_dict()
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in raw.items()
+        }
+
+    def cache_key(self) -> str:
+        """Return the first 16 hex digits of the SHA-256 of the settings and format version."""
+        text = json.dumps(
+            {"format_version": PRETRAIN_FORMAT_VERSION, **self.to_dict()}, sort_keys=True
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class PublicVolume:
+    """One rendered public case on its pretraining grid, all arrays ``(D, H, W)``."""
+
+    image: npt.NDArray[np.float32]
+    clean: npt.NDArray[np.float32]
+    tissue: npt.NDArray[np.int64]
+
+
+@dataclass
+class PretrainResult:
+    """Where the weights and the card are, and the card's content."""
+
+    weights: Path
+    card_path: Path
+    card: dict[str, Any]
+    reused: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Public cohort
+# ---------------------------------------------------------------------------
+
+
+def render_public_volume(settings: PretrainSettings, index: int) -> PublicVolume:
+    """Render public case ``index`` of the cohort seeded by ``settings.seed``.
+
+    The case is drawn like a site's case (random body, lesions of either class, HU
+    offset and scale), rendered without noise on a scanner-like grid, given Gaussian
+    noise of ``settings.noise_hu`` there, and resampled (linear) to a RAS grid with
+    isotropic voxels drawn from ``settings.spacing_mm``. Tissue classes are evaluated
+    at the target voxel centres.
+    """
+    rng = np.random.default_rng([settings.seed, PUBLIC_COHORT_STREAM, index])
+    in_plane = float(rng.uniform(*_IN_PLANE_SPACING_MM))
+    slice_spacing = float(rng.choice(_SLICE_SPACING_CHOICES_MM))
+    source_spacing = (in_plane, in_plane, slice_spacing)
+    field_of_view = np.array(DEFAULT_SHAPE, dtype=float) * np.array(source_spacing)
+    centre = np.array([rng.uniform(-5.0, 5.0), rng.uniform(-30.0, -10.0), rng.uniform(-400.0, -100.0)])
+
+    phantom = _draw_phantom(rng, int(rng.uniform() < 0.5), centre, field_of_view / 2.0)
+    source = Grid.centred(DEFAULT_SHAPE, source_spacing, centre, lps=bool(rng.uniform() < 0.5))
+    case = CaseDraw(
+        case_id=f"public-{index:04d}",
+        patient_id=f"public-{index:04d}",
+        phantom=phantom,
+        ct_grid=source,
+        pet_grid=source,
+        ct_lps=False,
+        pet_lps=False,
+        render_seed=(settings.seed, PUBLIC_COHORT_STREAM, index),
+    )
+    # Noise is added below, so the clean image is the reconstruction target.
+    profile = SiteProfile(
+        name="public",
+        index=0,
+        num_cases=1,
+        positive_fraction=0.5,
+        field_of_view_mm=(float(field_of_view[0]), float(field_of_view[1]), float(field_of_view[2])),
+        ct_spacing_mm=source_spacing,
+        pet_spacing_mm=source_spacing,
+        hu_offset=float(rng.uniform(-20.0, 20.0)),
+        hu_scale=float(rng.uniform(0.97, 1.03)),
+        ct_noise_hu=0.0,
+        pet_noise=0.0,
+        suv_calibration=1.0,
+        pet_fraction=0.0,
+        tasks=(),
+    )
+    clean_hu, _ = render_ct(case, profile, rng)
+    clean_hu = clean_hu.astype(np.float64)
+    noisy_hu = clean_hu + rng.normal(0.0, rng.uniform(*settings.noise_hu), clean_hu.shape)
+
+    # Target grid: RAS axes, isotropic voxels, same centre and field of view.
+    spacing = float(rng.uniform(*settings.spacing_mm))
+    shape = tuple(int(math.ceil(extent / spacing)) for extent in field_of_view)
+    target = Grid.centred(shape, (spacing, spacing, spacing), centre, lps=False)
+    world = target.world()
+    source_index = np.tensordot(
+        np.linalg.inv(source.affine[:3, :3]), world - source.affine[:3, 3, None, None, None], axes=1
+    )
+
+    low, high = settings.ct_window
+
+    def window(hu: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
+        resampled = ndimage.map_coordinates(hu, source_index, order=1, mode="nearest")
+        return np.clip((resampled - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+    codes = phantom.tissues(world)
+    tissue = _TISSUE_TO_CLASS[codes]
+    for _, inside, _ in phantom.lesion_regions(world, codes):
+        tissue[inside] = NODULE_CLASS
+    return PublicVolume(image=window(noisy_hu), clean=window(clean_hu), tissue=tissue)
+
+
+def _random_patch(
+    volume: PublicVolume, patch_size: tuple[int, int, int], rng: np.random.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Crop a random patch (zero-padded like a site's volume) with random left-right flips.
+
+    Returns the image and clean image ``(1, D, H, W)`` and tissue classes ``(D, H, W)``.
+    """
+    arrays = [volume.image, volume.clean, volume.tissue]
+    padding = [(0, max(0, size - side)) for size, side in zip(patch_size, volume.image.shape, strict=True)]
+    # Before padding, centre the volume in the patch so that padding falls on both sides.
+    padding = [(extra // 2, extra - extra // 2) for extra in (p[1] for p in padding)]
+    arrays = [np.pad(array, padding) for array in arrays]
+    starts = [int(rng.integers(0, side - size + 1)) for side, size in zip(arrays[0].shape, patch_size, strict=True)]
+    region = tuple(slice(start, start + size) for start, size in zip(starts, patch_size, strict=True))
+    image, clean, tissue = (array[region] for array in arrays)
+    if rng.uniform() < 0.5:
+        image, clean, tissue = (np.flip(array, axis=0) for array in (image, clean, tissue))
+    return (
+        torch.from_numpy(np.ascontiguousarray(image))[None],
+        torch.from_numpy(np.ascontiguousarray(clean))[None],
+        torch.from_numpy(np.ascontiguousarray(tissue)),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+class _PretextNetwork(torch.nn.Module):
+    """CT stem and encoder of a fresh :class:`UniconModel`, plus the temporary decoder."""
+
+    def __init__(self, backbone: BackboneConfig) -> None:
+        super().__init__()
+        self.model = UniconModel(backbone)
+        self.decoder = SegmentationHead(backbone, len(TISSUE_CLASSES) + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map CT ``(B, 1, D, H, W)`` to tissue logits and reconstruction ``(B, K + 1, D, H, W)``."""
+        features = self.model.backbone(self.model.stems[BASE_MODALITY](x))
+        return self.decoder(features)
+
+
+def _losses(
+    output: Tensor, clean: Tensor, tissue: Tensor, dice_ce: DiceCELoss, weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    logits, reconstruction = output[:, :-1], output[:, -1:]
+    segmentation = dice_ce(logits, tissue[:, None])
+    denoising = F.l1_loss(reconstruction, clean) / _RECONSTRUCTION_SCALE
+    return segmentation + weight * denoising, segmentation, denoising
+
+
+@torch.no_grad()
+def _held_out_dice(network: _PretextNetwork, volumes: Sequence[PublicVolume], divisor: int) -> dict[str, float]:
+    """Return the Dice of each tissue class over the held-out volumes (whole volumes, padded)."""
+    network.eval()
+    intersection = np.zeros(len(TISSUE_CLASSES))
+    total = np.zeros(len(TISSUE_CLASSES))
+    for volume in volumes:
+        shape = volume.image.shape
+        padded = [int(math.ceil(side / divisor) * divisor) for side in shape]
+        image = np.pad(volume.image, [(0, p - s) for p, s in zip(padded, shape, strict=True)])
+        logits = network(torch.from_numpy(image)[None, None])[0, :-1]
+        predicted = logits.argmax(dim=0).numpy()[: shape[0], : shape[1], : shape[2]]
+        for k in range(len(TISSUE_CLASSES)):
+            intersection[k] += np.sum((predicted == k) & (volume.tissue == k))
+            total[k] += np.sum(predicted == k) + np.sum(volume.tissue == k)
+    network.train()
+    return {
+        name: round(float(2 * intersection[k] / total[k]), 4) if total[k] else float("nan")
+        for k, name in enumerate(TISSUE_CLASSES)
+    }
+
+
+def segresnet_state(model: UniconModel) -> dict[str, Tensor]:
+    """Return the CT stem and encoder of ``model`` under MONAI ``SegResNet`` key names."""
+    state: dict[str, Tensor] = {
+        "convInit.conv.weight": model.stems[BASE_MODALITY].get_parameter("conv.weight")
+    }
+    for name, value in model.backbone.named_parameters():
+        state[name] = value
+    return {name: value.detach().clone().contiguous() for name, value in state.items()}
+
+
+def _atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata=metadata)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretrain_backbone(settings: PretrainSettings, out_dir: Path) -> PretrainResult:
+    """Pretrain the CT stem and encoder on the public cohort and write weights plus card.
+
+    Parameters
+    ----------
+    settings : PretrainSettings
+        Pretraining recipe.
+    out_dir : Path
+        Folder for ``backbone.safetensors`` and ``backbone.json`` (created if missing;
+        existing files of the same names are replaced).
+
+    Returns
+    -------
+    PretrainResult
+        Paths of the two files and the card.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    volumes = [render_public_volume(settings, i) for i in range(settings.num_volumes + _HELD_OUT_VOLUMES)]
+    training, held_out = volumes[: settings.num_volumes], volumes[settings.num_volumes :]
+    render_s = time.monotonic() - started
+    logger.info(
+        "pretrain: rendered %d public volumes (%d held out) in %.1f s",
+        len(volumes), len(held_out), render_s,
+    )
+
+    rng = np.random.default_rng([settings.seed, PUBLIC_COHORT_STREAM, 1 << 20])
+    curve: list[dict[str, float]] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        network = _PretextNetwork(settings.backbone)
+        optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        network.train()
+        window: list[tuple[float, float, float]] = []
+        for step in range(1, settings.steps + 1):
+            patches = [
+                _random_patch(training[int(rng.integers(len(training)))], settings.patch_size, rng)
+                for _ in range(settings.batch_size)
+            ]
+            image = torch.stack([p[0] for p in patches])  # (B, 1, D, H, W)
+            clean = torch.stack([p[1] for p in patches])  # (B, 1, D, H, W)
+            tissue = torch.stack([p[2] for p in patches])  # (B, D, H, W)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss, segmentation, denoising = _losses(
+                network(image), clean, tissue, dice_ce, settings.reconstruction_weight
+            )
+            if not torch.isfinite(loss):
+                raise PretrainError(
+                    f"pretraining loss became {loss.item()} at step {step}; lower "
+                    f"PretrainSettings.learning_rate (now {settings.learning_rate})"
+                )
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+            window.append((loss.item(), segmentation.item(), denoising.item()))
+            if step % _LOG_EVERY == 0 or step == settings.steps:
+                means = np.mean(window, axis=0)
+                curve.append(
+                    {
+                        "step": step,
+                        "loss": round(float(means[0]), 5),
+                        "segmentation": round(float(means[1]), 5),
+                        "denoising": round(float(means[2]), 5),
+                    }
+                )
+                window = []
+                logger.debug("pretrain: step %d loss %.4f", step, means[0])
+        dice = _held_out_dice(network, held_out, settings.backbone.size_divisor)
+
+    weights_path = out_dir / WEIGHTS_FILE
+    tensors = segresnet_state(network.model)
+    _atomic_save_safetensors(
+        tensors, weights_path, {"format": "monai-segresnet-encoder", "cache_key": settings.cache_key()}
+    )
+    wall_s = round(time.monotonic() - started, 1)
+    card: dict[str, Any] = {
+        "format": "unicon-pretrained-backbone",
+        "format_version": PRETRAIN_FORMAT_VERSION,
+        "cache_key": settings.cache_key(),
+        "weights": WEIGHTS_FILE,
+        "sha256": _sha256(weights_path),
+        "layout": "monai.networks.nets.SegResNet encoder (convInit, down_layers)",
+        "pretext": {
+            "cohort": (
+                f"{settings.num_volumes} generated public thoracic CT phantoms (simulation.generate "
+                f"anatomy) from seed stream [{settings.seed}, {PUBLIC_COHORT_STREAM}, case], which "
+                "site generation never uses; "
+                f"{_HELD_OUT_VOLUMES} more held out for the Dice below"
+            ),
+            "tasks": (
+                "per-voxel tissue segmentation (Dice + cross-entropy) and denoising of the CT "
+                "(L1 to the noise-free image), through a temporary decoder that is not saved"
+            ),
+            "tissue_classes": list(TISSUE_CLASSES),
+        },
+        "settings": settings.to_dict(),
+        "steps": settings.steps,
+        "seed": settings.seed,
+        "loss_curve": curve,
+        "held_out_dice": dice,
+        "render_time_s": round(render_s, 1),
+        "wall_time_s": wall_s,
+        "torch_threads": torch.get_num_threads(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    card_path = out_dir / CARD_FILE
+    write_json(card_path, card)
+    logger.info(
+        "pretrain: %d steps in %.1f s, loss %.3f -> %.3f, held-out nodule Dice %s; wrote %s",
+        settings.steps, wall_s, curve[0]["loss"], curve[-1]["loss"], dice["nodule"], weights_path,
+    )
+    return PretrainResult(weights=weights_path, card_path=card_path, card=card)
+
+
+def read_card(folder: Path) -> dict[str, Any] | None:
+    """Return the card in ``folder``, or None when it is missing or not valid JSON."""
+    path = Path(folder) / CARD_FILE
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def cached_backbone(settings: PretrainSettings, cache_dir: Path) -> PretrainResult:
+    """Return the pretrained backbone for ``settings``, pretraining only on a cache miss.
+
+    The entry is ``<cache_dir>/<settings.cache_key()>/``. It is reused when its card
+    names the same cache key and ``backbone.safetensors`` has the SHA-256 the card
+    records; otherwise it is pretrained again and overwritten.
+    """
+    folder = Path(cache_dir) / settings.cache_key()
+    card = read_card(folder)
+    weights = folder / WEIGHTS_FILE
+    if (
+        card is not None
+        and card.get("cache_key") == settings.cache_key()
+        and weights.is_file()
+        and card.get("sha256") == _sha256(weights)
+    ):
+        logger.info("pretrain: reusing %s (cache key %s)", weights, settings.cache_key())
+        return PretrainResult(weights=weights, card_path=folder / CARD_FILE, card=card, reused=True)
+    if card is not None:
+        logger.warning("pretrain: cache entry %s is stale or incomplete; pretraining again", folder)
+    try:
+        return pretrain_backbone(settings, folder)
+    except OSError as error:
+        raise PretrainError(
+            f"cannot write the pretrained backbone to {folder}: {error}; pass a writable cache folder"
+        ) from error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Pretrain a backbone from the command line and print the weights path."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.pretrain",
+        description="Pretrain the tiny backbone on a generated public CT cohort "
+        "(tissue segmentation plus denoising) and write backbone.safetensors and backbone.json.",
+    )
+    parser.add_argument("cache_dir", type=Path, help="cache folder; the files go to CACHE_DIR/<cache key>/")
+    defaults = PretrainSettings()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default: {defaults.steps})")
+    parser.add_argument("--volumes", type=int, default=defaults.num_volumes, help=f"public training volumes (default: {defaults.num_volumes})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the public cohort (default: 0)")
+    args = parser.parse_args(argv)
+    try:
+        settings = PretrainSettings(steps=args.steps, num_volumes=args.volumes, seed=args.seed)
+        result = cached_backbone(settings, args.cache_dir)
+    except PretrainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(result.weights)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
