@@ -52,6 +52,15 @@ def _fmt(value: MetricValue | float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _mean(values: dict[str, MetricValue]) -> MetricValue:
+    defined = [v.value for v in values.values() if v.value is not None]
+    return (
+        MetricValue(sum(defined) / len(defined), None)
+        if defined
+        else MetricValue(None, "no task defined")
+    )
+
+
 def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -100,6 +109,20 @@ def summarize_variant(
 ) -> VariantSummary:
     """Combine one method's registries (one, or one per stage when isolated) into a summary."""
     reports = [r for registry in registries for r in stage_reports(registry)]
+    if name == "joint":
+        matrix = final_matrix(registries[0])
+        final = {t: matrix.get(matrix.stages[-1], t) for t in matrix.tasks}
+        reason = "all tasks trained at once, so nothing comes before or after"
+        return VariantSummary(
+            name,
+            label,
+            final,
+            _mean(final),
+            MetricValue(None, reason),
+            {t: MetricValue(None, reason) for t in final},
+            0,
+            wall_time_s,
+        )
     if len(registries) == 1:
         matrix = final_matrix(registries[0])
         final = {t: matrix.get(matrix.stages[-1], t) for t in matrix.tasks} if matrix.stages else {}
@@ -279,6 +302,58 @@ def ctfm_bytes(curriculum_raw: dict[str, Any]) -> list[tuple[str, int, int]]:
     return rows
 
 
+def privacy_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """Return the report's "Privacy" section: DP-SGD figures per site and task.
+
+    One row per stage and site that trained or declined in the stage, read from the
+    registry's ``metrics.json`` by `server.admin.stage_privacy`. Sites that trained
+    without DP-SGD are listed as "no DP".
+    """
+    from server.admin import stage_privacy
+
+    lines = [
+        "",
+        "## Privacy",
+        "",
+        "| stage | task | site | epsilon | delta | noise multiplier | DP-SGD steps | rounds trained | rounds declined |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        for site, figures in stage_privacy(report).items():
+            trained = ", ".join(str(r) for r in figures["rounds_trained"]) or "none"
+            declined = (
+                "; ".join(
+                    f"{r}: {why}".replace("|", "\\|")
+                    for r, why in figures["rounds_declined"].items()
+                )
+                or "none"
+            )
+            if figures["dp"]:
+                cells = [
+                    _fmt(figures["epsilon"]),
+                    f"{figures['delta']:.0e}" if figures.get("delta") else "undefined",
+                    _fmt(figures.get("noise_multiplier")),
+                    str(figures["steps"]),
+                ]
+            else:
+                label = "no DP" if figures["dp"] is False else "unknown (declined every round)"
+                cells = [label, "-", "-", "-"]
+            lines.append(
+                f"| {report['stage']} | {report['task']} | {site} | "
+                + " | ".join(cells)
+                + f" | {trained} | {declined} |"
+            )
+    lines += [
+        "",
+        "Epsilon is the site's total for the task at the end of the stage, computed by its",
+        "privacy ledger with Opacus's RDP accountant over every DP-SGD round ever run on the",
+        "task's data, earlier runs included; steps count this stage's rounds only. Epsilon is",
+        "accounted per task: when two tasks train on the same patients, a patient's total",
+        "privacy loss is the composition of both tasks' rounds, which is larger.",
+    ]
+    return lines
+
+
 def write_report(
     result: SimulationResult,
     preset: str,
@@ -405,6 +480,7 @@ def write_report(
         logger.warning("ctfm byte estimate failed: %s", error)
         lines.append(f"| (estimate failed: {error}) | | | |")
 
+    lines += privacy_lines(reports)
     lines += ["", "## Methods compared on the same sites and seed", ""]
     tasks = matrix.tasks
     lines += [

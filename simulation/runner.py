@@ -39,6 +39,7 @@ class Variant:
     train: str = "new"
     consolidation: str = "none"
     isolated: bool = False
+    joint: bool = False
 
 
 UNICON = Variant("unicon", "UNICON (frozen backbone, new adapters and heads)")
@@ -49,6 +50,7 @@ BASELINES = (
         train="shared",
     ),
     Variant("isolated", "isolated per-task models (no transfer)", isolated=True),
+    Variant("joint", "joint pooled training (all data in one place; upper bound)", joint=True),
 )
 
 
@@ -187,6 +189,12 @@ def run_preset(
                 "registry" if variant is UNICON else f"baselines/{variant.name}{suffix}/registry"
             )
             logger.info("variant %s: running %s", variant.name, curriculum_file.name)
+            if variant.joint:
+                from simulation.joint import run_joint
+
+                run_joint(load_curriculum(curriculum_file), site_files, registry)
+                result.registries[variant.name] = registry
+                continue
             _run_flower(
                 curriculum_file,
                 registry,
