@@ -33,6 +33,16 @@ class LocalTrainingError(RuntimeError):
     """Local training that produced unusable parameters (never sent to the server)."""
 
 
+def _preprocess_from(config: Mapping[str, Any]) -> PreprocessConfig:
+    """Read preprocessing settings from message config keys (``spacing``, ``patch-size``, ...)."""
+    return PreprocessConfig(
+        spacing=tuple(float(v) for v in config.get("spacing", [3.0, 3.0, 3.0])),  # type: ignore[arg-type]
+        patch_size=tuple(int(v) for v in config.get("patch-size", [32, 32, 32])),  # type: ignore[arg-type]
+        ct_window=tuple(float(v) for v in config.get("ct-window", [-1000.0, 400.0])),  # type: ignore[arg-type]
+        suv_scale=float(config.get("suv-scale", 10.0)),
+    )
+
+
 @dataclass(frozen=True)
 class StageRequest:
     """What the server asks of a site for one stage, parsed from the message config."""
@@ -53,6 +63,7 @@ class StageRequest:
     total_rounds: int = 1
     frozen_groups: dict[str, str] = field(default_factory=dict)
     tasks: tuple[str, ...] = ()
+    task_preprocess: dict[str, PreprocessConfig] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StageRequest:
@@ -68,18 +79,21 @@ class StageRequest:
             batch_size=int(config.get("batch-size", 4)),
             consolidation=str(config.get("consolidation", "none")),
             consolidation_weight=float(config.get("consolidation-weight", 1.0)),
-            preprocess=PreprocessConfig(
-                spacing=tuple(float(v) for v in config.get("spacing", [3.0, 3.0, 3.0])),  # type: ignore[arg-type]
-                patch_size=tuple(int(v) for v in config.get("patch-size", [32, 32, 32])),  # type: ignore[arg-type]
-                ct_window=tuple(float(v) for v in config.get("ct-window", [-1000.0, 400.0])),  # type: ignore[arg-type]
-                suv_scale=float(config.get("suv-scale", 10.0)),
-            ),
+            preprocess=_preprocess_from(config),
             seed=int(config.get("seed", 0)),
             server_round=int(config.get("server-round", 0)),
             total_rounds=int(config.get("total-rounds", 1)),
             frozen_groups=json.loads(str(config.get("frozen-groups", "{}"))),
             tasks=tuple(str(t) for t in config.get("tasks", [])),
+            task_preprocess={
+                task: _preprocess_from(values)
+                for task, values in json.loads(str(config.get("task-preprocess", "{}"))).items()
+            },
         )
+
+    def preprocess_for(self, task: str) -> PreprocessConfig:
+        """Return the preprocessing ``task`` was trained with (the stage's by default)."""
+        return self.task_preprocess.get(task, self.preprocess)
 
     def task_spec(self, name: str | None = None) -> TaskSpec:
         """Return the spec of ``name`` (the stage's task by default)."""
@@ -295,7 +309,7 @@ def evaluate_split(
     data = load_task_dataset(
         site,
         spec.name,
-        request.preprocess,
+        request.preprocess_for(spec.name),
         split=split,
         train=False,
         num_classes=_num_classes(spec),
@@ -303,7 +317,9 @@ def evaluate_split(
     )
     loader = DataLoader(data, batch_size=1 if spec.kind == "segmentation" else request.batch_size)
     with torch.no_grad():
-        return evaluate_task(model, spec, loader, roi_size=request.preprocess.patch_size)
+        return evaluate_task(
+            model, spec, loader, roi_size=request.preprocess_for(spec.name).patch_size
+        )
 
 
 def evaluate_tasks(

@@ -191,6 +191,24 @@ def _stage_config(
     )
 
 
+def _task_preprocess(curriculum: Curriculum, index: int) -> str:
+    """Return, as JSON, the preprocessing of every task up to stage ``index``.
+
+    A task is always evaluated with the preprocessing it was trained with, which may
+    differ from the current stage's (spacing and patch size are per stage).
+    """
+    mapping = {}
+    for stage in curriculum.stages[: index + 1]:
+        pre = stage.settings.preprocess
+        mapping[stage.task.name] = {
+            "spacing": list(pre.spacing),
+            "patch-size": list(pre.patch_size),
+            "ct-window": list(pre.ct_window),
+            "suv-scale": pre.suv_scale,
+        }
+    return json.dumps(mapping, sort_keys=True)
+
+
 def run_stage(
     grid: Grid,
     curriculum: Curriculum,
@@ -372,6 +390,7 @@ def run_stage(
     if curriculum.fisher_needed_after(index):
         fisher_total = _federated_fisher(grid, model, stage, config, participants, registry, latest)
 
+    config["task-preprocess"] = _task_preprocess(curriculum, index)
     evaluate_all(grid, model, config, nodes, settings.timeout_s, report)
     matrix = _accuracy_matrix(registry, latest, index, model, report)
     report.wall_time_s = round(time.monotonic() - started, 3)
@@ -491,7 +510,8 @@ def evaluate_all(
         key = wire.task_metric_key(task.name, metric)
         count_key = wire.task_metric_key(task.name, "num-eval")
         values, weights = [], []
-        for site_eval in report.evaluation.values():
+        # Sites in name order, so the pooled value does not depend on reply order.
+        for _, site_eval in sorted(report.evaluation.items()):
             site_metrics = site_eval["metrics"]
             if key in site_metrics and site_metrics.get(count_key, 0) > 0:
                 values.append(site_metrics[key])

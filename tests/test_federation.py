@@ -55,6 +55,8 @@ def _curriculum(tmp: Path, train: str = "new", rounds: int = 2, min_sites: int =
             {
                 "name": "ct_prog",
                 "task": {"kind": "prognosis", "modality": "ct", "time_bins": [365, 730, 1460]},
+                # Another spacing than stage 1: ct_cls must still be evaluated with its own.
+                "preprocess": {"spacing": [5.0, 5.0, 5.0]},
             },
         ],
     }
