@@ -28,7 +28,7 @@ from flwr.clientapp.typing import Mod
 from client.audit import AuditLog, check_reply
 from client.frozen_cache import FrozenCache
 from client.privacy import DPConfig
-from client.site_config import SiteConfig, load_site_config
+from client.site_config import SiteConfig, find_site_files, load_site_config
 from client.site_privacy import SiteDP
 from client.training import (
     LocalTrainingError,
@@ -64,7 +64,7 @@ def resolve_site_file(context: Context, site_files: Sequence[Path] | None) -> Pa
     files = list(site_files or [])
     if not files:
         sites_dir = Path(str(context.run_config.get("sites-dir", "")))
-        files = sorted(sites_dir.glob("*.yaml")) if sites_dir.is_dir() else []
+        files = find_site_files(sites_dir) if sites_dir.is_dir() else []
         if not files:
             raise SiteResolutionError(
                 f"run config sites-dir={str(sites_dir)!r} holds no site YAML files; point it at a folder "

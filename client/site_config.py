@@ -123,6 +123,17 @@ class SiteConfig:
         return None
 
 
+def find_site_files(folder: Path) -> list[Path]:
+    """Return the site YAMLs of a folder: ``*.yaml`` in it and ``*/site.yaml`` one level down.
+
+    The second form is the layout ``unicon simulate`` and ``python -m simulation.generate``
+    write (one folder per site). The order is by path, so a ``partition-id`` always maps
+    to the same site.
+    """
+    folder = Path(folder)
+    return sorted([*folder.glob("*.yaml"), *folder.glob("*/site.yaml")])
+
+
 def load_site_config(path: str | os.PathLike[str]) -> SiteConfig:
     """Read and validate a site YAML file.
 

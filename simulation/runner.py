@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from client.site_config import load_site_config
+from client.site_config import find_site_files, load_site_config
 from client.validation import check_site
 from server.app import ServerSettings, create_server_app
 from server.curriculum import load_curriculum
@@ -152,7 +152,7 @@ def run_preset(
 
     started = time.monotonic()
     if options.sites_dir is not None:
-        site_files = sorted(options.sites_dir.glob("*.yaml"))
+        site_files = find_site_files(options.sites_dir)
         if not site_files:
             raise SimulationError(f"--sites-dir {options.sites_dir}: no site YAML files found")
     else:
