@@ -67,7 +67,7 @@ def resolve_site_file(context: Context, site_files: Sequence[Path] | None) -> Pa
         files = find_site_files(sites_dir) if sites_dir.is_dir() else []
         if not files:
             raise SiteResolutionError(
-                f"run config sites-dir={str(sites_dir)!r} holds no site YAML files; point it at a folder "
+                f"run config sites-dir={str(sites_dir)!r} contains no site YAML files; point it at a folder "
                 "of site YAMLs (unicon simulate writes one under its output folder)"
             )
     if partition >= len(files):

@@ -13,6 +13,7 @@ subcommand takes one entry and those two functions.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from client.audit import summarize_audit
 from client.site_config import SiteConfigError, load_site_config
 from client.supernode import (
     SuperNodeError,
-    start_supernode,
+    spawn_supernode,
     stop_supernode,
     supernode_command,
     wait_for_supernode,
@@ -39,7 +40,11 @@ from unicon_model.log import get_logger
 
 logger = get_logger(__name__)
 
+# Relative to the site's state_dir.
 SUPERNODE_LOG = Path("logs") / "supernode.log"
+SUPERNODE_LOCK = Path("logs") / "supernode.lock"
+# Seconds a signalled SuperNode gets to stop by itself before it is sent SIGTERM.
+SIGNAL_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -211,14 +216,48 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _SiteBusyError(Exception):
+    """Another `unicon site start` holds the lock of the same state folder."""
+
+
+@contextmanager
+def _site_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` so that one site runs one SuperNode at a time.
+
+    The operating system releases the lock when this process ends, also on SIGKILL.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise _SiteBusyError(
+                f"another `unicon site start` (PID {holder}) already runs a SuperNode with the "
+                f"state folder of this site (lock file {path}). Stop that one first, or give "
+                "this site YAML its own state_dir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_site_start(args: argparse.Namespace) -> int:
     """Check the site, start its SuperNode and keep it running until Ctrl+C or SIGTERM.
 
     Returns
     -------
     int
-        0 after a requested stop; 1 when the site is unusable, the SuperNode cannot
-        start or connect, or it exits by itself; 2 on a missing authentication key.
+        0 after a requested stop; 1 when the site is unusable, already running, or its
+        SuperNode cannot start, is rejected or exits with an error; 2 on a missing
+        authentication key or an invalid timeout; 130 after Ctrl+C during the data
+        check.
     """
     if args.auth_key is None and not args.insecure:
         print(
@@ -228,12 +267,19 @@ def run_site_start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.connect_timeout > 0:
+        print(
+            f"error: --connect-timeout is {args.connect_timeout}; give a number of seconds "
+            "above 0, for example 60.",
+            file=sys.stderr,
+        )
+        return 2
 
-    # Every check that needs no process runs first, so a bad file fails before start-up.
+    # Settings and files are checked before the data, which can take minutes to decode.
     try:
         num_classes = _parse_num_classes(args.num_classes)
         config = load_site_config(args.config)
-        supernode_command(
+        command = supernode_command(
             args.superlink,
             args.root_certificates,
             args.auth_key,
@@ -245,58 +291,89 @@ def run_site_start(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
-    report = check_site(config, num_classes)
-    if not report.ok:
-        print(report.to_text())
+    try:
+        with _site_lock(config.state_dir / SUPERNODE_LOCK):
+            report = check_site(config, num_classes)
+            if not report.ok:
+                print(report.to_text())
+                print(
+                    f"error: site {config.site} is not usable, so its SuperNode was not "
+                    f"started: fix the errors above and run `unicon site check {args.config}` "
+                    "again.",
+                    file=sys.stderr,
+                )
+                return 1
+            return _run_supernode(command, config.site, config.state_dir / SUPERNODE_LOG, args)
+    except _SiteBusyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Ctrl+C during the data check, before any SuperNode was started.
         print(
-            f"error: site {config.site} is not usable, so its SuperNode was not started: "
-            f"fix the errors above and run `unicon site check {args.config}` again.",
+            f"error: interrupted; the SuperNode of site {config.site} was not started.",
             file=sys.stderr,
         )
-        return 1
+        return 130
 
-    output_file = config.state_dir / SUPERNODE_LOG
-    proc = start_supernode(
-        args.superlink,
-        args.root_certificates,
-        args.auth_key,
-        config.source,
-        output_file,
-        clientapp_port=args.clientapp_port,
-        insecure=args.insecure,
-        flwr_home=args.flwr_home,
-    )
-    print(f"Site {config.site}: SuperNode started (PID {proc.pid}), output in {output_file}")
-    sys.stdout.flush()
 
+def _run_supernode(
+    command: list[str], site: str, output_file: Path, args: argparse.Namespace
+) -> int:
+    """Run the SuperNode until it stops; return the exit status of `unicon site start`."""
+    proc: subprocess.Popen[bytes] | None = None
     try:
         with _sigterm_raises():
+            proc = spawn_supernode(command, output_file, flwr_home=args.flwr_home)
+            print(f"Site {site}: SuperNode started (PID {proc.pid}), output in {output_file}")
+            sys.stdout.flush()
             node_id = _wait_until_connected(proc, output_file, args)
             if node_id is None:
                 return 1
             print(
-                f"Site {config.site}: connected to the SuperLink at {args.superlink} as node "
+                f"Site {site}: connected to the SuperLink at {args.superlink} as node "
                 f"{node_id}; stop with Ctrl+C or SIGTERM (kill {os.getpid()})"
             )
             sys.stdout.flush()
             status = proc.wait()
     except (KeyboardInterrupt, _StopRequested):
-        logger.info("Stop requested for site %s", config.site)
-        stop_supernode(proc)
+        logger.info("Stop requested for site %s", site)
+        if proc is not None:
+            _stop_after_signal(proc)
         return 0
     finally:
         # Never leave the SuperNode behind, whatever ended this function.
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             stop_supernode(proc)
 
+    if status == 0:
+        # Flower exits with 0 after a signal sent to the SuperNode itself, for example by a
+        # service manager that signals every process of the service.
+        logger.info("SuperNode of site %s (PID %d) stopped (exit status 0)", site, proc.pid)
+        return 0
     logger.error(
-        "SuperNode of site %s (PID %d) exited by itself with status %d; see %s",
-        config.site,
+        "SuperNode of site %s (PID %d) exited with status %d; its output is in %s",
+        site,
         proc.pid,
         status,
         output_file,
     )
     return 1
+
+
+def _stop_after_signal(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the SuperNode after Ctrl+C or SIGTERM reached this process.
+
+    Ctrl+C in a terminal, and a service manager that signals every process of a
+    service, also signal the SuperNode directly. Flower 1.42 then shuts it down
+    gracefully and restores the default handlers, so a second SIGTERM from here would
+    kill it before it marks itself offline. It therefore gets a few seconds first.
+    """
+    try:
+        status = proc.wait(timeout=SIGNAL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        stop_supernode(proc)
+        return
+    logger.info("SuperNode (PID %d) stopped by itself (exit status %d)", proc.pid, status)
 
 
 def _wait_until_connected(
@@ -318,7 +395,7 @@ def _wait_until_connected(
                 print(f"error: {error}", file=sys.stderr)
                 return None
             # Still running: the SuperLink is down or unreachable and Flower keeps retrying.
-            logger.warning("%s Still waiting.", error)
+            logger.warning("%s\nStill waiting; stop with Ctrl+C or SIGTERM.", error)
 
 
 def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:

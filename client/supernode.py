@@ -284,6 +284,22 @@ def start_supernode(
         insecure=insecure,
         max_retries=max_retries,
     )
+    return spawn_supernode(command, output_file, flwr_home=flwr_home)
+
+
+def spawn_supernode(
+    command: list[str], output_file: Path, flwr_home: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a command built by :func:`supernode_command`, its output appended to ``output_file``.
+
+    :func:`start_supernode` builds the command and calls this. Callers that build
+    the command first, to reject bad settings before slower checks, call it directly.
+
+    Returns
+    -------
+    subprocess.Popen
+        The process, as :func:`start_supernode` returns it.
+    """
     output_path = Path(output_file)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     env = flower_environment(flwr_home)
@@ -296,6 +312,7 @@ def start_supernode(
         proc = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
         )
+    superlink = command[command.index("--superlink") + 1] if "--superlink" in command else "?"
     logger.info(
         "Started SuperNode (PID %d) for SuperLink %s, output in %s",
         proc.pid,

@@ -45,7 +45,7 @@ def _preprocess_from(config: Mapping[str, Any]) -> PreprocessConfig:
 
 @dataclass(frozen=True)
 class StageRequest:
-    """What the server asks of a site for one stage, parsed from the message config."""
+    """Request of the server to a site for one stage, parsed from the message config."""
 
     run_id: str
     stage: str
@@ -123,7 +123,7 @@ def local_seed(request: StageRequest, site: str) -> int:
 def task_counts(
     site: SiteConfig, tasks: Sequence[str], spec: ModelSpec | None = None
 ) -> dict[str, int]:
-    """Count training and evaluation cases of each task the site holds data for."""
+    """Count the training and evaluation cases of each requested task at the site."""
     counts: dict[str, int] = {}
     for task in tasks:
         dataset = site.dataset_for(task)
@@ -325,7 +325,7 @@ def evaluate_split(
 def evaluate_tasks(
     model: UniconModel, site: SiteConfig, request: StageRequest
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Evaluate every requested task the site holds data for, on its test (or val) split."""
+    """Evaluate every requested task with data at the site, on its test (or val) split."""
     metrics: dict[str, float] = {}
     undefined: dict[str, str] = {}
     model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ def registry_status(registry_dir: Path) -> dict[str, Any]:
                 "created": info.created,
                 "sites": metrics.get("sites", []),
                 "pooled": metrics.get("pooled", {}),
+                "task": metrics.get("task"),
+                "privacy": stage_privacy(metrics),
+                "central_dp": metrics.get("central_dp"),
             }
         )
     if latest is not None:
@@ -44,6 +48,62 @@ def registry_status(registry_dir: Path) -> dict[str, Any]:
         status["backward_transfer"] = _plain(matrix.backward_transfer())
         status["forgetting"] = {t: _plain(v) for t, v in matrix.forgetting().items()}
     return status
+
+
+def stage_privacy(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Collect the DP-SGD figures each site reported during one stage.
+
+    Reads the per-round ``site_metrics`` and ``declined`` of a version's
+    ``metrics.json``. A site reports ``dp-epsilon``, ``dp-delta``,
+    ``dp-noise-multiplier``, ``dp-steps`` and ``dp-sample-rate`` in every round it
+    trains with DP-SGD. Its ``dp-epsilon`` is the total spent on the stage's task over
+    the site's whole privacy ledger, earlier runs included, so the last value is the
+    total at the end of the stage.
+
+    Parameters
+    ----------
+    metrics : Mapping
+        The content of one version's ``metrics.json``.
+
+    Returns
+    -------
+    dict
+        Per site that trained or declined in a round: ``dp`` (True when the site
+        trained with DP-SGD, False when it trained without, None when it declined
+        every round), ``rounds_trained`` and ``rounds_declined`` (round number to
+        reason). With ``dp`` True also ``epsilon``, ``delta``, ``noise_multiplier``
+        and ``sample_rate`` of the last round trained, and ``steps``, the DP-SGD
+        steps summed over the stage's rounds.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+
+    def entry(site: str) -> dict[str, Any]:
+        return sites.setdefault(site, {"dp": None, "rounds_trained": [], "rounds_declined": {}})
+
+    for round_record in metrics.get("rounds", []):
+        server_round = int(round_record["round"])
+        for site, reason in sorted(round_record.get("declined", {}).items()):
+            entry(site)["rounds_declined"][str(server_round)] = str(reason)
+        for site in round_record.get("accepted", []):
+            site_metrics = round_record.get("site_metrics", {}).get(site, {})
+            record = entry(site)
+            record["rounds_trained"].append(server_round)
+            if "dp-epsilon" not in site_metrics:
+                # A site either has DP on or off for a whole stage; None stays for declines.
+                record["dp"] = bool(record["dp"])
+                continue
+            record["dp"] = True
+            record["epsilon"] = float(site_metrics["dp-epsilon"])
+            record["delta"] = _optional_float(site_metrics.get("dp-delta"))
+            record["noise_multiplier"] = _optional_float(site_metrics.get("dp-noise-multiplier"))
+            record["sample_rate"] = _optional_float(site_metrics.get("dp-sample-rate"))
+            record["steps"] = record.get("steps", 0) + int(site_metrics.get("dp-steps", 0))
+    return {site: sites[site] for site in sorted(sites)}
+
+
+def _optional_float(value: Any) -> float | None:
+    # None rather than NaN keeps `status_json` valid JSON.
+    return None if value is None else float(value)
 
 
 def _plain(value: MetricValue) -> dict[str, Any]:
@@ -85,7 +145,33 @@ def format_status(status: dict[str, Any]) -> str:
         for t, v in status["forgetting"].items()
     )
     lines.append(f"Forgetting per task: {forgetting}")
+    lines += [
+        "",
+        "Privacy (DP-SGD epsilon per site on each stage's task, total over the site's ledger)",
+    ]
+    for version in status["versions"]:
+        cells = [
+            f"{site} {_privacy_cell(figures)}"
+            for site, figures in version.get("privacy", {}).items()
+        ]
+        central = version.get("central_dp")
+        if central:
+            epsilon = central.get("epsilon")
+            cells.append(
+                "central DP "
+                + (f"epsilon {epsilon:.2f}" if epsilon is not None else "without noise")
+            )
+        lines.append(f"{version['stage']:<14} " + (", ".join(cells) or "no site trained"))
     return "\n".join(lines)
+
+
+def _privacy_cell(figures: Mapping[str, Any]) -> str:
+    if figures["dp"] is None:
+        return "declined every round"
+    if not figures["dp"]:
+        return "no DP"
+    delta = figures.get("delta")
+    return f"epsilon {figures['epsilon']:.2f}" + (f" (delta {delta:.0e})" if delta else "")
 
 
 def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
@@ -98,7 +184,7 @@ def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
     registry = Registry(registry_dir)
     latest = registry.latest()
     if latest is None:
-        raise RegistryError(f"{registry_dir}: the registry holds no version yet; run a stage first")
+        raise RegistryError(f"{registry_dir}: no version found in the registry; run a stage first")
     model = registry.load_model(latest)
     spec = model.spec
     chosen = [t for t in spec.tasks if t.name == task]

@@ -27,7 +27,7 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What one Flower run of the ServerApp does."""
+    """Settings of one Flower run of the ServerApp."""
 
     curriculum: Path | None
     registry: Path

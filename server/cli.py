@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +196,16 @@ def _server_start(args: argparse.Namespace) -> int:
     )
 
     def _stop(signum: int, frame: object) -> None:
-        stop_process(process)
-        sys.exit(0)
+        # Stopping inside the handler would deadlock: the interrupted process.wait() below
+        # still holds the Popen's wait lock. The exception leaves that wait first.
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     try:
         return int(process.wait())
     except KeyboardInterrupt:
-        return stop_process(process)
+        stop_process(process)
+        return 0
 
 
 def _register(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ class CentralDPSettings:
 
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage trains. Every field may appear under ``defaults`` or in a stage."""
+    """Training settings of one stage. Every field may appear under ``defaults`` or in a stage."""
 
     rounds: int = 3
     local_epochs: int = 1
@@ -116,7 +116,7 @@ class Curriculum:
         return [s.name for s in self.stages].index(self.stage(name).name)
 
     def fisher_needed_after(self, index: int) -> bool:
-        """Whether a later stage uses EWC and so needs a Fisher from stage ``index``."""
+        """Return whether a later stage uses EWC and so needs a Fisher from stage ``index``."""
         return any(s.settings.consolidation == "ewc" for s in self.stages[index + 1 :])
 
     def to_dict(self) -> dict[str, Any]:

@@ -321,7 +321,9 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """Stop a process by its PID: SIGTERM, then SIGKILL after ``timeout`` seconds.
 
     Flower's SuperLink and SuperNode stop their own ``flower-superexec`` child
-    on SIGTERM. Stop SuperNodes before the SuperLink.
+    on SIGTERM. Stop SuperNodes before the SuperLink. Do not call it from a
+    signal handler that interrupted ``proc.wait()``: that wait still holds the
+    ``Popen`` object's lock, so this call would time out and then block for ever.
 
     Returns
     -------
@@ -699,6 +701,35 @@ def launch_run(
     run_id = int(reply["run-id"])
     logger.info("Submitted run %d from %s through connection %r", run_id, app_dir, connection)
     return run_id
+
+
+def list_runs(
+    flwr_home: Path,
+    connection: str = DEFAULT_CONNECTION,
+    run_id: int | None = None,
+    timeout: float = 60.0,
+) -> list[dict[str, Any]]:
+    """List the runs the SuperLink knows (``flwr list``), or only ``run_id``.
+
+    Returns
+    -------
+    list[dict]
+        One entry per run as Flower 1.42 reports it, with keys such as ``run-id``
+        (a string), ``status`` (``pending``, ``starting``, ``running``, or
+        ``finished:completed``, ``finished:failed``, ``finished:stopped``),
+        ``elapsed`` (seconds) and ``network-traffic``.
+
+    Raises
+    ------
+    DeployError
+        When the run is unknown or the SuperLink cannot be reached.
+    """
+    command = [flower_executable("flwr"), "list", connection, "--format", "json"]
+    if run_id is not None:
+        command += ["--run-id", str(run_id)]
+    reply = _run_flwr_json(command, flwr_home, timeout)
+    runs: list[dict[str, Any]] = reply.get("runs", [])
+    return runs
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

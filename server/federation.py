@@ -22,9 +22,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from server.curriculum import Curriculum, Stage
+from server.curriculum import CentralDPSettings, Curriculum, Stage
 from server.registry import Registry, VersionInfo
-from server.strategy import PartialFedAvg, SiteNode
+from server.strategy import CENTRAL_DP_DELTA, PartialFedAvg, SiteNode, central_dp_epsilon
 from unicon_model import wire
 from unicon_model.consolidation import merge_fishers
 from unicon_model.evaluation import primary_metric
@@ -52,7 +52,7 @@ class FederationOptions:
 
 @dataclass
 class StageReport:
-    """What the server measured during one stage (also stored in ``metrics.json``)."""
+    """Measurements of one stage on the server, also stored as ``metrics.json``."""
 
     stage: str
     task: str
@@ -65,6 +65,7 @@ class StageReport:
     sites: list[str] = field(default_factory=list)
     excluded_sites: dict[str, str] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    central_dp: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class StageReport:
             "sites": self.sites,
             "excluded_sites": self.excluded_sites,
             "wall_time_s": self.wall_time_s,
+            "central_dp": self.central_dp,
         }
 
 
@@ -114,7 +116,7 @@ def _wait_for_nodes(grid: Grid, minimum: int, wait_s: float) -> list[int]:
 def discover_sites(
     grid: Grid, tasks: Sequence[str], minimum: int, wait_s: float, timeout: float
 ) -> list[SiteNode]:
-    """Ask every connected node which site it is, what data it holds and what it caches."""
+    """Query every connected node for its site name, data counts and cached groups."""
     node_ids = _wait_for_nodes(grid, minimum, wait_s)
     config = ConfigRecord({"tasks": list(tasks)})
     messages = [
@@ -292,7 +294,9 @@ def run_stage(
         first_round = done_round + 1
         logger.info("stage=%s resuming after completed round %d", stage.name, done_round)
 
-    strategy = PartialFedAvg(trainable_shapes, min_sites=settings.min_sites)
+    strategy = PartialFedAvg(
+        trainable_shapes, min_sites=settings.min_sites, central_dp=settings.central_dp
+    )
     config = _stage_config(curriculum, stage, model, options)
     reference_record: ArrayRecord | None = None
     extra: dict[str, ArrayRecord] = {}
@@ -368,6 +372,8 @@ def run_stage(
             "trainable_bytes": int(arrays.count_bytes()),
             "wall_time_s": round(time.monotonic() - round_start, 3),
         }
+        if outcome.central_dp is not None:
+            round_record["central_dp"] = outcome.central_dp
         report.rounds.append(round_record)
         logger.info(
             "stage=%s round=%d done: %d accepted, sent %d B, received %d B",
@@ -385,6 +391,7 @@ def run_stage(
             {"rounds": report.rounds},
         )
 
+    report.central_dp = _central_dp_summary(settings.central_dp, report.rounds)
     state = model.state_dict()
     fisher_total: dict[str, torch.Tensor] | None = None
     if curriculum.fisher_needed_after(index):
@@ -408,6 +415,26 @@ def run_stage(
         {"event": "stage-end", "stage": stage.name, "version": info.name, "run_id": options.run_id}
     )
     return info
+
+
+def _central_dp_summary(
+    central_dp: CentralDPSettings | None, rounds: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Return the stage's central DP settings and its site-level epsilon so far.
+
+    Every round that released a noisy aggregate counts, resumed rounds included.
+    """
+    if central_dp is None:
+        return None
+    releases = sum(1 for round_record in rounds if "central_dp" in round_record)
+    return {
+        "noise_multiplier": central_dp.noise_multiplier,
+        "clipping_norm": central_dp.clipping_norm,
+        "delta": CENTRAL_DP_DELTA,
+        "releases": releases,
+        "sample_rate": 1.0,
+        "epsilon": central_dp_epsilon(central_dp.noise_multiplier, releases, CENTRAL_DP_DELTA),
+    }
 
 
 def _federated_fisher(
@@ -477,7 +504,7 @@ def evaluate_all(
     timeout: float,
     report: StageReport,
 ) -> None:
-    """Evaluate every task learned so far at every site that holds data for it."""
+    """Evaluate every task learned so far at every site with data for it."""
     state = model.state_dict()
     tasks = [t.name for t in model.spec.tasks]
     frozen, hashes = _frozen_records(state, set(), nodes)

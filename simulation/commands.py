@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulation.bench import add_bench_command
 from simulation.presets import PRESETS, PresetError, PresetOptions
 from unicon_model.log import get_logger
 
@@ -58,6 +59,7 @@ def add_simulation_commands(commands: Any) -> None:
         help="also run sequential fine-tuning and isolated per-task training on the same sites",
     )
     parser.set_defaults(handler=run_simulate)
+    add_bench_command(commands)
 
 
 def run_simulate(args: argparse.Namespace) -> int:

@@ -84,7 +84,7 @@ from simulation.generate import (
     render_ct,
     write_json,
 )
-from unicon_model.heads import SegmentationHead
+from unicon_model.heads import PooledHead, SegmentationHead
 from unicon_model.log import get_logger
 from unicon_model.model import BASE_MODALITY, UniconModel
 from unicon_model.spec import BackboneConfig
@@ -122,6 +122,12 @@ _SLICE_SPACING_CHOICES_MM = (3.0, 3.5, 4.0, 5.0)
 # Windowed CT noise is about 0.01-0.04 (15-60 HU over a 1400 HU window); dividing the
 # L1 error by this puts the reconstruction loss on the scale of the segmentation loss.
 _RECONSTRUCTION_SCALE = 0.02
+_NODULE_CENTRED_FRACTION = 0.5
+# Loss weights of the tissue classes: the small classes (bone, nodule) weigh more so
+# that they are learned within a few hundred steps.
+_CLASS_WEIGHTS = (1.0, 2.0, 1.0, 2.0, 5.0, 10.0)
+# Squared error of the composition at which its loss is 1 (an error of 0.1 per class).
+_COMPOSITION_SCALE = 0.01
 _HELD_OUT_VOLUMES = 4
 _LOG_EVERY = 10
 
@@ -160,6 +166,8 @@ class PretrainSettings:
         Range of the standard deviation (HU) of the CT noise in the input.
     reconstruction_weight : float
         Weight of the denoising loss next to the tissue segmentation loss.
+    composition_weight : float
+        Weight of the tissue composition loss next to the tissue segmentation loss.
     seed : int
         Seed of the public cohort, the crops and the initialization.
     """
@@ -167,13 +175,14 @@ class PretrainSettings:
     backbone: BackboneConfig = field(default_factory=_tiny_backbone)
     steps: int = 300
     batch_size: int = 4
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     num_volumes: int = 48
-    patch_size: tuple[int, int, int] = (32, 32, 32)
-    spacing_mm: tuple[float, float] = (3.2, 4.4)
+    patch_size: tuple[int, int, int] = (24, 24, 24)
+    spacing_mm: tuple[float, float] = (2.4, 4.4)
     ct_window: tuple[float, float] = (-1000.0, 400.0)
     noise_hu: tuple[float, float] = (15.0, 60.0)
     reconstruction_weight: float = 1.0
+    composition_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -205,11 +214,15 @@ class PretrainSettings:
                 f"PretrainSettings.noise_hu is {self.noise_hu!r}; give (low, high) HU with "
                 "0 <= low <= high"
             )
-        if not self.learning_rate > 0 or not self.reconstruction_weight >= 0:
+        if not self.learning_rate > 0:
             raise PretrainError(
-                f"PretrainSettings: learning_rate {self.learning_rate!r} must be positive and "
-                f"reconstruction_weight {self.reconstruction_weight!r} non-negative"
+                f"PretrainSettings.learning_rate is {self.learning_rate!r}; give a positive number"
             )
+        for name in ("reconstruction_weight", "composition_weight"):
+            if not getattr(self, name) >= 0:
+                raise PretrainError(
+                    f"PretrainSettings.{name} is {getattr(self, name)!r}; give a number >= 0"
+                )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise PretrainError(
                 f"PretrainSettings.seed is {self.seed!r}; give a non-negative integer"
@@ -334,12 +347,23 @@ def _random_patch(
 
     Returns the image and clean image ``(1, D, H, W)`` and tissue classes ``(D, H, W)``.
     """
-    arrays = [volume.image, volume.clean, volume.tissue]
-    padding = [(0, max(0, size - side)) for size, side in zip(patch_size, volume.image.shape, strict=True)]
-    # Before padding, centre the volume in the patch so that padding falls on both sides.
-    padding = [(extra // 2, extra - extra // 2) for extra in (p[1] for p in padding)]
-    arrays = [np.pad(array, padding) for array in arrays]
-    starts = [int(rng.integers(0, side - size + 1)) for side, size in zip(arrays[0].shape, patch_size, strict=True)]
+    # Volumes smaller than the patch are zero-padded on both sides, as a site pads them.
+    extra = [max(0, size - side) for size, side in zip(patch_size, volume.image.shape, strict=True)]
+    padding = [(pad // 2, pad - pad // 2) for pad in extra]
+    arrays = [np.pad(array, padding) for array in (volume.image, volume.clean, volume.tissue)]
+    shape = arrays[0].shape
+
+    # Half of the patches are centred on a nodule voxel, because nodules fill about
+    # 0.3 % of a volume and uniform crops would rarely show the network one.
+    nodules = np.argwhere(arrays[2] == NODULE_CLASS)
+    if len(nodules) and rng.uniform() < _NODULE_CENTRED_FRACTION:
+        centre = nodules[int(rng.integers(len(nodules)))]
+        starts = [
+            int(np.clip(c - size // 2, 0, side - size))
+            for c, size, side in zip(centre, patch_size, shape, strict=True)
+        ]
+    else:
+        starts = [int(rng.integers(0, side - size + 1)) for side, size in zip(shape, patch_size, strict=True)]
     region = tuple(slice(start, start + size) for start, size in zip(starts, patch_size, strict=True))
     image, clean, tissue = (array[region] for array in arrays)
     if rng.uniform() < 0.5:
@@ -357,26 +381,67 @@ def _random_patch(
 
 
 class _PretextNetwork(torch.nn.Module):
-    """CT stem and encoder of a fresh :class:`UniconModel`, plus the temporary decoder."""
+    """CT stem and encoder of a fresh :class:`UniconModel`, plus two temporary decoders.
+
+    The decoders are separate because a decoder of ``init_filters`` channels is too
+    narrow to serve both pretext tasks: with one shared decoder the denoising term
+    stalled the tissue segmentation.
+    """
 
     def __init__(self, backbone: BackboneConfig) -> None:
         super().__init__()
         self.model = UniconModel(backbone)
-        self.decoder = SegmentationHead(backbone, len(TISSUE_CLASSES) + 1)
+        self.tissue_decoder = SegmentationHead(backbone, len(TISSUE_CLASSES))
+        self.denoising_decoder = SegmentationHead(backbone, 1)
+        self.composition_head = PooledHead(backbone, len(TISSUE_CLASSES))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Map CT ``(B, 1, D, H, W)`` to tissue logits and reconstruction ``(B, K + 1, D, H, W)``."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the pretext heads on CT ``(B, 1, D, H, W)``.
+
+        Returns tissue logits and a denoising residual ``(B, K + 1, D, H, W)``, and the
+        predicted tissue composition ``(B, K)``.
+        """
         features = self.model.backbone(self.model.stems[BASE_MODALITY](x))
-        return self.decoder(features)
+        dense = torch.cat([self.tissue_decoder(features), self.denoising_decoder(features)], dim=1)
+        # The deepest features are divided by their batch RMS, the rescaling that
+        # standardize_levels later builds into the weights, so that the composition
+        # head sees what a downstream pooled head sees and its loss cannot grow the scale.
+        deepest = features[-1]
+        scale = deepest.pow(2).mean().sqrt().detach().clamp(min=1e-6)
+        return dense, self.composition_head([deepest / scale])
+
+
+def tissue_composition(tissue: Tensor) -> Tensor:
+    """Return ``log(1 + voxels of class k) / log(1 + voxels)`` per patch, ``(B, K)`` in [0, 1].
+
+    ``tissue`` holds class indices ``(B, D, H, W)``. The logarithm spreads the small
+    classes: a nodule of 8 voxels and one of 64 differ by a third of the range.
+    """
+    counts = F.one_hot(tissue.flatten(1), len(TISSUE_CLASSES)).sum(dim=1).float()  # (B, K)
+    return torch.log1p(counts) / math.log1p(tissue[0].numel())
 
 
 def _losses(
-    output: Tensor, clean: Tensor, tissue: Tensor, dice_ce: DiceCELoss, weight: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    logits, reconstruction = output[:, :-1], output[:, -1:]
-    segmentation = dice_ce(logits, tissue[:, None])
-    denoising = F.l1_loss(reconstruction, clean) / _RECONSTRUCTION_SCALE
-    return segmentation + weight * denoising, segmentation, denoising
+    outputs: tuple[Tensor, Tensor],
+    image: Tensor,
+    clean: Tensor,
+    tissue: Tensor,
+    dice_ce: DiceCELoss,
+    settings: PretrainSettings,
+) -> dict[str, Tensor]:
+    dense, composition = outputs
+    logits, residual = dense[:, :-1], dense[:, -1:]
+    losses = {"segmentation": dice_ce(logits, tissue[:, None])}
+    # The last channel predicts the correction to the noisy input (residual learning),
+    # so an untrained network starts at the input's own error instead of far above it.
+    losses["denoising"] = F.l1_loss(image + residual, clean) / _RECONSTRUCTION_SCALE
+    losses["composition"] = F.mse_loss(composition, tissue_composition(tissue)) / _COMPOSITION_SCALE
+    losses["loss"] = (
+        losses["segmentation"]
+        + settings.reconstruction_weight * losses["denoising"]
+        + settings.composition_weight * losses["composition"]
+    )
+    return losses
 
 
 @torch.no_grad()
@@ -389,7 +454,7 @@ def _held_out_dice(network: _PretextNetwork, volumes: Sequence[PublicVolume], di
         shape = volume.image.shape
         padded = [int(math.ceil(side / divisor) * divisor) for side in shape]
         image = np.pad(volume.image, [(0, p - s) for p, s in zip(padded, shape, strict=True)])
-        logits = network(torch.from_numpy(image)[None, None])[0, :-1]
+        logits = network(torch.from_numpy(image)[None, None])[0][0, :-1]
         predicted = logits.argmax(dim=0).numpy()[: shape[0], : shape[1], : shape[2]]
         for k in range(len(TISSUE_CLASSES)):
             intersection[k] += np.sum((predicted == k) & (volume.tissue == k))
@@ -399,6 +464,46 @@ def _held_out_dice(network: _PretextNetwork, volumes: Sequence[PublicVolume], di
         name: round(float(2 * intersection[k] / total[k]), 4) if total[k] else float("nan")
         for k, name in enumerate(TISSUE_CLASSES)
     }
+
+
+@torch.no_grad()
+def standardize_levels(model: UniconModel, images: Tensor) -> list[float]:
+    """Rescale the CT stem and encoder so that every level's output has RMS 1 on ``images``.
+
+    Pretraining lets feature magnitudes grow level by level (the residual sums are not
+    normalized), to RMS values near 1000 at the deepest level, which makes the logits of
+    a freshly initialized pooled head explode. The rescaling changes no prediction of
+    the network: level ``i``'s output is multiplied by ``a_i = 1 / RMS_i`` by scaling the
+    convolution that opens the level (the CT stem at level 0) by ``a_i / a_(i-1)`` and
+    each residual block's ``conv2`` by ``a_i``. Every block normalizes its input before
+    ``conv1``, so the blocks' outputs scale with ``conv2`` alone, and the next level's
+    opening convolution undoes ``a_i``. Equality holds up to the GroupNorm epsilon.
+
+    Parameters
+    ----------
+    model : UniconModel
+        Model whose ``stems.ct`` and ``backbone`` are rescaled in place.
+    images : Tensor
+        CT batch ``(B, 1, D, H, W)`` on which the RMS of each level is measured.
+
+    Returns
+    -------
+    list of float
+        RMS of each level's output before the rescaling, finest level first.
+    """
+    features = model.backbone(model.stems[BASE_MODALITY](images))
+    rms = [float(feature.pow(2).mean().sqrt()) for feature in features]
+    previous = 1.0
+    for level, layer in enumerate(model.backbone.down_layers):
+        factor = 1.0 / rms[level]
+        opening = model.stems[BASE_MODALITY] if level == 0 else layer[0]
+        for parameter in opening.parameters():
+            parameter.mul_(factor / previous)
+        for block in list(layer)[1:]:
+            for parameter in block.conv2.parameters():
+                parameter.mul_(factor)
+        previous = factor
+    return rms
 
 
 def segresnet_state(model: UniconModel) -> dict[str, Tensor]:
@@ -461,9 +566,11 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path) -> PretrainResu
         network = _PretextNetwork(settings.backbone)
         optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        dice_ce = DiceCELoss(
+            to_onehot_y=True, softmax=True, batch=True, weight=torch.tensor(_CLASS_WEIGHTS)
+        )
         network.train()
-        window: list[tuple[float, float, float]] = []
+        window: list[dict[str, float]] = []
         for step in range(1, settings.steps + 1):
             patches = [
                 _random_patch(training[int(rng.integers(len(training)))], settings.patch_size, rng)
@@ -474,9 +581,8 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path) -> PretrainResu
             tissue = torch.stack([p[2] for p in patches])  # (B, D, H, W)
 
             optimizer.zero_grad(set_to_none=True)
-            loss, segmentation, denoising = _losses(
-                network(image), clean, tissue, dice_ce, settings.reconstruction_weight
-            )
+            losses = _losses(network(image), image, clean, tissue, dice_ce, settings)
+            loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise PretrainError(
                     f"pretraining loss became {loss.item()} at step {step}; lower "
@@ -486,20 +592,20 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path) -> PretrainResu
             optimizer.step()
             schedule.step()
 
-            window.append((loss.item(), segmentation.item(), denoising.item()))
+            window.append({name: value.item() for name, value in losses.items()})
             if step % _LOG_EVERY == 0 or step == settings.steps:
-                means = np.mean(window, axis=0)
-                curve.append(
-                    {
-                        "step": step,
-                        "loss": round(float(means[0]), 5),
-                        "segmentation": round(float(means[1]), 5),
-                        "denoising": round(float(means[2]), 5),
-                    }
-                )
+                means = {
+                    name: round(float(np.mean([entry[name] for entry in window])), 5)
+                    for name in window[0]
+                }
+                curve.append({"step": step, **means})
                 window = []
-                logger.debug("pretrain: step %d loss %.4f", step, means[0])
+                logger.debug("pretrain: step %d loss %.4f", step, means["loss"])
         dice = _held_out_dice(network, held_out, settings.backbone.size_divisor)
+        sample = torch.stack(
+            [_random_patch(volume, settings.patch_size, rng)[0] for volume in training[:8]]
+        )
+        level_rms = standardize_levels(network.model, sample)
 
     weights_path = out_dir / WEIGHTS_FILE
     tensors = segresnet_state(network.model)
@@ -532,6 +638,7 @@ def pretrain_backbone(settings: PretrainSettings, out_dir: Path) -> PretrainResu
         "seed": settings.seed,
         "loss_curve": curve,
         "held_out_dice": dice,
+        "level_rms_before_standardization": [round(value, 4) for value in level_rms],
         "render_time_s": round(render_s, 1),
         "wall_time_s": wall_s,
         "torch_threads": torch.get_num_threads(),

@@ -320,11 +320,11 @@ def privacy_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
     ]
     for report in reports:
         for site, figures in stage_privacy(report).items():
-            trained = ", ".join(str(r) for r in figures["rounds_trained"]) or "none"
+            trained = ", ".join(str(number) for number in figures["rounds_trained"]) or "none"
             declined = (
                 "; ".join(
-                    f"{r}: {why}".replace("|", "\\|")
-                    for r, why in figures["rounds_declined"].items()
+                    f"{server_round}: {reason}".replace("|", "\\|")
+                    for server_round, reason in figures["rounds_declined"].items()
                 )
                 or "none"
             )
@@ -342,6 +342,25 @@ def privacy_lines(reports: Sequence[dict[str, Any]]) -> list[str]:
                 f"| {report['stage']} | {report['task']} | {site} | "
                 + " | ".join(cells)
                 + f" | {trained} | {declined} |"
+            )
+    central = [report for report in reports if report.get("central_dp")]
+    if central:
+        lines += [
+            "",
+            "Central DP at the server (each site's update clipped, Gaussian noise on the aggregate):",
+            "",
+            "| stage | noise multiplier | clipping norm | noisy aggregates | delta | site-level epsilon |",
+            "|---|---|---|---|---|---|",
+        ]
+        for report in central:
+            figures = report["central_dp"]
+            epsilon = figures.get("epsilon")
+            lines.append(
+                f"| {report['stage']} | {figures['noise_multiplier']:.3f} | "
+                f"{figures['clipping_norm']:.3g} | {figures['releases']} | "
+                f"{figures['delta']:.0e} | "
+                + (_fmt(epsilon) if epsilon is not None else "unbounded (no noise)")
+                + " |"
             )
     lines += [
         "",

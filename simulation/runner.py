@@ -56,7 +56,7 @@ BASELINES = (
 
 @dataclass
 class SimulationResult:
-    """Where a simulation wrote its outputs."""
+    """Output locations and timings of one simulation."""
 
     out_dir: Path
     registries: dict[str, Path] = field(default_factory=dict)

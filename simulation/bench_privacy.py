@@ -1,0 +1,417 @@
+"""Benchmark: ct_cls task metric against the DP-SGD epsilon of every site.
+
+The privacy settings are target epsilon 1, 4 and 8 at every site, and no DP. For each
+setting and seed, the benchmark generates the same virtual hospitals
+(``simulation.generate``) and runs the ``ct_cls`` stage of the default curriculum
+through Flower's simulation engine. It then evaluates the final model. It prints one
+table and writes ``OUT/privacy_benchmark.csv`` with one row per setting and seed.
+
+Two metrics are reported. ``site_auc`` is what the federation itself records: the mean
+of the sites' test AUCs, weighted by test cases, over the sites where AUC is defined.
+``pooled_auc`` and ``pooled_accuracy`` are computed here on the union of all sites'
+test cases, which only a simulation can see; it is less noisy on small sites.
+
+Run from the repository root::
+
+    .venv/bin/python -m simulation.bench_privacy --out runs/bench-privacy
+
+This is a benchmark, not a test: it runs one federation per setting and seed, and takes
+minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from unicon_model.log import configure_logging, get_logger
+
+logger = get_logger(__name__)
+
+TASK = "ct_cls"
+DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
+DEFAULT_DELTA = 1.0e-5
+CSV_NAME = "privacy_benchmark.csv"
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """Outcome of one federation: one privacy setting and one seed."""
+
+    setting: str
+    target_epsilon: float | None
+    seed: int
+    epsilon_spent_max: float | None
+    noise_multiplier_mean: float | None
+    dp_steps_per_site: int | None
+    declined_rounds: int
+    site_auc: float | None
+    pooled_auc: float | None
+    pooled_accuracy: float | None
+    test_cases: int
+    wall_time_s: float
+
+
+def bench_curriculum(rounds: int | None, seed: int, num_sites: int) -> dict[str, Any]:
+    """Return the default curriculum reduced to its ``ct_cls`` stage.
+
+    Every site must take part in every round (``min_sites`` equals the number of
+    sites), so that a setting where a site declines fails loudly instead of averaging
+    fewer sites.
+    """
+    from server.curriculum import DEFAULT_CURRICULUM
+
+    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CURRICULUM.read_text(encoding="utf-8"))
+    raw["name"] = "bench-privacy"
+    raw["seed"] = seed
+    raw["stages"] = [stage for stage in raw["stages"] if stage["name"] == TASK]
+    raw["defaults"]["min_sites"] = num_sites
+    if rounds is not None:
+        raw["defaults"]["rounds"] = rounds
+    return raw
+
+
+def prepare_sites(
+    folder: Path,
+    num_sites: int,
+    seed: int,
+    cases_per_site: int | None,
+    tiny: bool,
+    target_epsilon: float | None,
+    delta: float,
+) -> list[Path]:
+    """Generate the sites of one run and turn DP-SGD on at every site.
+
+    Each run gets its own site folders, so every setting starts from an empty privacy
+    ledger. The same seed writes the same studies.
+    """
+    from simulation.generate import generate_federation
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    site_files = generate_federation(
+        folder,
+        num_sites=num_sites,
+        seed=seed,
+        cases_per_site=cases_per_site,
+        tasks=[TASK],
+        tiny=tiny,
+    )
+    if target_epsilon is not None:
+        for site_file in site_files:
+            document = yaml.safe_load(site_file.read_text(encoding="utf-8"))
+            document["privacy"] = {"dp": {"delta": delta, "target_epsilon": target_epsilon}}
+            site_file.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return site_files
+
+
+def run_federation(
+    curriculum_file: Path, registry: Path, site_files: list[Path], run_id: str
+) -> None:
+    """Run the curriculum's stages with Flower's simulation engine (Ray)."""
+    from flwr.simulation import run_simulation
+
+    from client.app import create_client_app
+    from server.app import ServerSettings, create_server_app
+
+    settings = ServerSettings(
+        curriculum=curriculum_file, registry=registry, run_id=run_id, node_wait_s=0.0
+    )
+    backend_config: Any = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(1, min(len(site_files), os.cpu_count() or 1)),
+            "include_dashboard": False,
+        },
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=create_server_app(settings),
+            client_app=create_client_app(site_files),
+            num_supernodes=len(site_files),
+            backend_config=backend_config,
+        )
+
+
+def pooled_test_metrics(
+    registry: Path, site_files: Sequence[Path], raw: dict[str, Any]
+) -> tuple[float | None, float | None, int]:
+    """Evaluate the registry's latest model on all sites' ``ct_cls`` test cases at once.
+
+    Returns
+    -------
+    tuple
+        ``(auc, accuracy, cases)``. A metric is None when it is undefined, for example
+        AUC when every test case has the same class.
+    """
+    from client.preprocess import PreprocessConfig, load_task_dataset
+    from client.site_config import load_site_config
+    from server.curriculum import load_curriculum_mapping
+    from server.registry import Registry
+    from unicon_model.evaluation import evaluate_task
+
+    registry_view = Registry(registry)
+    latest = registry_view.latest()
+    if latest is None:
+        raise RuntimeError(
+            f"{registry}: the federation wrote no version; see bench.log in the output folder"
+        )
+    model = registry_view.load_model(latest)
+    stage = load_curriculum_mapping(raw, "bench-privacy").stage(TASK)
+    settings = stage.settings.preprocess
+    preprocess = PreprocessConfig(
+        spacing=settings.spacing,
+        patch_size=settings.patch_size,
+        ct_window=settings.ct_window,
+        suv_scale=settings.suv_scale,
+    )
+    loaders = []
+    cases = 0
+    for site_file in site_files:
+        site = load_site_config(site_file)
+        data = load_task_dataset(
+            site, TASK, preprocess, split="test", train=False, num_classes=2, seed=raw["seed"]
+        )
+        cases += len(data)
+        loaders.append(DataLoader(data, batch_size=8))
+    metrics = evaluate_task(model, stage.task, itertools.chain(*loaders))
+    return metrics["auc"].value, metrics["accuracy"].value, cases
+
+
+def summarize_run(
+    setting: str,
+    target_epsilon: float | None,
+    seed: int,
+    registry: Path,
+    site_files: Sequence[Path],
+    raw: dict[str, Any],
+    wall_time_s: float,
+) -> BenchRow:
+    """Read one finished federation back from its registry into a `BenchRow`."""
+    from server.admin import stage_privacy
+    from server.registry import Registry
+
+    registry_view = Registry(registry)
+    version = registry_view.version_for_stage(TASK)
+    if version is None:
+        raise RuntimeError(
+            f"{registry}: no version for stage {TASK}; see bench.log in the output folder"
+        )
+    metrics = registry_view.read_json(version, "metrics.json")
+    privacy = stage_privacy(metrics)
+    private = [figures for figures in privacy.values() if figures["dp"]]
+    declined = sum(len(figures["rounds_declined"]) for figures in privacy.values())
+    auc, accuracy, cases = pooled_test_metrics(registry, site_files, raw)
+    return BenchRow(
+        setting=setting,
+        target_epsilon=target_epsilon,
+        seed=seed,
+        epsilon_spent_max=max(f["epsilon"] for f in private) if private else None,
+        noise_multiplier_mean=(
+            sum(f["noise_multiplier"] for f in private) / len(private) if private else None
+        ),
+        dp_steps_per_site=max(f["steps"] for f in private) if private else None,
+        declined_rounds=declined,
+        site_auc=metrics["pooled"].get(TASK, {}).get("value"),
+        pooled_auc=auc,
+        pooled_accuracy=accuracy,
+        test_cases=cases,
+        wall_time_s=round(wall_time_s, 1),
+    )
+
+
+def write_rows(path: Path, rows: Sequence[BenchRow]) -> None:
+    """Write the rows as CSV, empty cells for undefined values, through a temporary file."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(BenchRow.__dataclass_fields__))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+    os.replace(temporary, path)
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "undefined" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _epsilon_cell(row: BenchRow) -> str:
+    return "no DP" if row.target_epsilon is None else _cell(row.epsilon_spent_max, 2)
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """Format the rows as a Markdown table, with a mean row per setting over seeds."""
+    lines = [
+        "| setting | seed | epsilon spent (max over sites) | noise multiplier (mean) | "
+        "DP-SGD steps per site | site-weighted AUC | pooled AUC | pooled accuracy | "
+        "test cases | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.setting} | {row.seed} | {_epsilon_cell(row)} | "
+            f"{_cell(row.noise_multiplier_mean, 2) if row.target_epsilon else '-'} | "
+            f"{row.dp_steps_per_site or '-'} | "
+            f"{_cell(row.site_auc)} | {_cell(row.pooled_auc)} | {_cell(row.pooled_accuracy)} | "
+            f"{row.test_cases} | {row.wall_time_s:.0f} s |"
+        )
+    settings = list(dict.fromkeys(row.setting for row in rows))
+    if len(rows) > len(settings):
+        lines += [
+            "",
+            "| setting | seeds | mean pooled AUC | mean pooled accuracy |",
+            "|---|---|---|---|",
+        ]
+        for setting in settings:
+            chosen = [row for row in rows if row.setting == setting]
+            lines.append(
+                f"| {setting} | {len(chosen)} | {_cell(_mean([r.pooled_auc for r in chosen]))} | "
+                f"{_cell(_mean([r.pooled_accuracy for r in chosen]))} |"
+            )
+    return "\n".join(lines)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    defined = [value for value in values if value is not None]
+    return sum(defined) / len(defined) if defined else None
+
+
+def _parse_epsilons(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--epsilons {text!r}: expected comma-separated positive numbers, such as 1,4,8"
+        ) from error
+    if not values or any(not math.isfinite(v) or v <= 0.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--epsilons {text!r}: expected comma-separated positive numbers, such as 1,4,8"
+        )
+    return values
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text!r}: expected comma-separated integers, such as 0,1,2"
+        ) from error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the benchmark's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.bench_privacy",
+        description="ct_cls task metric against the DP-SGD epsilon of every site, on "
+        "generated studies.",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench-privacy"), help="output folder"
+    )
+    parser.add_argument(
+        "--epsilons",
+        type=_parse_epsilons,
+        default=list(DEFAULT_EPSILONS),
+        help="target epsilons per site and task, comma-separated (default: 1,4,8). "
+        "A run without DP is always added",
+    )
+    parser.add_argument(
+        "--delta", type=float, default=DEFAULT_DELTA, help="DP delta (default: 1e-5)"
+    )
+    parser.add_argument("--sites", type=int, default=3, help="number of sites (default: 3)")
+    parser.add_argument(
+        "--seeds", type=_parse_seeds, default=[0], help="comma-separated seeds (default: 0)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the stage (default: curriculum's)"
+    )
+    parser.add_argument(
+        "--cases-per-site",
+        type=int,
+        default=None,
+        help="cases per generated site (default: the generator's)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny generated studies, for a quick check"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the table and write the CSV. Return the exit status."""
+    args = build_parser().parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    configure_logging("WARNING", log_file=out / "bench.log")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    torch.set_num_threads(1)
+
+    settings: list[tuple[str, float | None]] = [
+        (f"epsilon {epsilon:g}", epsilon) for epsilon in args.epsilons
+    ]
+    settings.append(("no DP", None))
+    rows: list[BenchRow] = []
+    for seed in args.seeds:
+        raw = bench_curriculum(args.rounds, seed, args.sites)
+        for label, target_epsilon in settings:
+            name = label.replace(" ", "-") + f"-seed{seed}"
+            folder = out / name
+            site_files = prepare_sites(
+                folder / "sites",
+                args.sites,
+                seed,
+                args.cases_per_site,
+                args.tiny,
+                target_epsilon,
+                args.delta,
+            )
+            curriculum_file = folder / "curriculum.yaml"
+            curriculum_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+            registry = folder / "registry"
+            if registry.exists():
+                shutil.rmtree(registry)
+
+            started = time.monotonic()
+            run_federation(curriculum_file, registry, site_files, run_id=name)
+            row = summarize_run(
+                label,
+                target_epsilon,
+                seed,
+                registry,
+                site_files,
+                raw,
+                time.monotonic() - started,
+            )
+            rows.append(row)
+            write_rows(out / CSV_NAME, rows)
+            print(
+                f"{label}, seed {seed}: pooled AUC {_cell(row.pooled_auc)}, "
+                f"epsilon spent {_epsilon_cell(row)}",
+                flush=True,
+            )
+
+    print()
+    print(format_table(rows))
+    print(f"\nCSV: {out / CSV_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

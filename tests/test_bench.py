@@ -1,0 +1,278 @@
+"""Tests of ``unicon bench``: the timing arithmetic, the aggregation over seeds, the page,
+and (slow) ``unicon bench --quick`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simulation.bench import (
+    SECTIONS,
+    Spread,
+    TreeMemorySampler,
+    aggregate_methods,
+    complement,
+    interval_union,
+    read_section_blocks,
+    render_page,
+    spread_of,
+)
+from simulation.cli import build_parser
+from simulation.report import VariantSummary
+from unicon_model.metrics import MetricValue
+
+torch.set_num_threads(1)
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("intervals", "lower", "upper", "expected"),
+    [
+        ([], 0.0, 10.0, 0.0),
+        ([(1.0, 3.0)], 0.0, 10.0, 2.0),
+        ([(1.0, 3.0), (2.0, 5.0)], 0.0, 10.0, 4.0),
+        ([(1.0, 3.0), (4.0, 5.0)], 0.0, 10.0, 3.0),
+        ([(4.0, 5.0), (1.0, 3.0), (2.5, 4.5)], 0.0, 10.0, 4.0),
+        ([(-2.0, 1.0), (9.0, 12.0)], 0.0, 10.0, 2.0),
+        ([(1.0, 1.0), (3.0, 2.0)], 0.0, 10.0, 0.0),
+    ],
+)
+def test_interval_union_table(
+    intervals: list[tuple[float, float]], lower: float, upper: float, expected: float
+) -> None:
+    assert interval_union(intervals, lower, upper) == pytest.approx(expected)
+
+
+def test_interval_union_matches_grid_reference() -> None:
+    intervals = [(0.13, 0.71), (0.5, 0.9), (1.7, 2.2), (2.1, 2.15), (3.0, 3.4)]
+    step = 1e-4
+    covered = sum(
+        1
+        for index in range(int(4.0 / step))
+        if any(a <= (index + 0.5) * step < b for a, b in intervals)
+    )
+
+    assert interval_union(intervals, 0.0, 4.0) == pytest.approx(covered * step, abs=1e-3)
+
+
+def test_complement_gaps() -> None:
+    gaps = complement([(2.0, 3.0), (1.0, 1.5), (2.5, 4.0)], 0.0, 5.0)
+
+    assert gaps == [(0.0, 1.0), (1.5, 2.0), (4.0, 5.0)]
+    assert complement([], 0.0, 1.0) == [(0.0, 1.0)]
+    assert complement([(-1.0, 2.0)], 0.0, 1.0) == []
+
+
+def test_spread_mean_and_sample_sd() -> None:
+    spread = spread_of([0.5, None, 0.75, 0.25, math.nan])
+
+    assert spread.values == (0.5, 0.75, 0.25)
+    assert spread.mean == pytest.approx(statistics.fmean([0.5, 0.75, 0.25]))
+    assert spread.sd == pytest.approx(statistics.stdev([0.5, 0.75, 0.25]))
+    assert spread.text() == "50.0 ± 25.0"
+    assert Spread((0.8,)).text(scale=1.0, digits=3) == "0.800"
+
+
+def test_spread_undefined_keeps_reason() -> None:
+    spread = spread_of([None, None], "no site could compute it")
+
+    assert spread.mean is None
+    assert spread.sd is None
+    assert spread.text() == "undefined (no site could compute it)"
+
+
+def _summary(
+    name: str, final: dict[str, float | None], bwt: float | None, forgetting: dict[str, float]
+) -> VariantSummary:
+    values = {t: MetricValue(v, None if v is not None else "one class") for t, v in final.items()}
+    defined = [v for v in final.values() if v is not None]
+    return VariantSummary(
+        name=name,
+        label=name,
+        final=values,
+        average=MetricValue(sum(defined) / len(defined), None),
+        backward_transfer=MetricValue(bwt, None if bwt is not None else "isolated"),
+        forgetting={t: MetricValue(v, None) for t, v in forgetting.items()},
+        bytes_total=1000,
+        wall_time_s=10.0,
+    )
+
+
+def test_aggregate_methods_over_seeds() -> None:
+    seed0 = [
+        _summary("unicon", {"a": 0.8, "b": 0.6}, 0.0, {"a": 0.0}),
+        _summary("sequential", {"a": 0.5, "b": 0.7}, -0.2, {"a": 0.3}),
+    ]
+    seed1 = [
+        _summary("unicon", {"a": 0.9, "b": None}, 0.0, {"a": 0.0}),
+        _summary("sequential", {"a": 0.6, "b": 0.5}, -0.1, {"a": 0.1}),
+    ]
+
+    figures = aggregate_methods([seed0, seed1])
+
+    assert [f.name for f in figures] == ["unicon", "sequential"]
+    unicon, sequential = figures
+    assert unicon.final["a"].mean == pytest.approx(0.85)
+    assert unicon.final["a"].sd == pytest.approx(statistics.stdev([0.8, 0.9]))
+    assert unicon.final["b"].values == (0.6,)
+    assert sequential.backward_transfer.mean == pytest.approx(-0.15)
+    assert sequential.max_forgetting.values == (0.3, 0.1)
+    assert sequential.bytes_total.mean == pytest.approx(1000.0)
+
+
+def test_page_keeps_sections_between_runs(tmp_path: Path) -> None:
+    page = tmp_path / "benchmarks.md"
+    blocks = {key: f"## {key}\n\nfigure of {key}: 1.0" for key in SECTIONS}
+    machine = {"command": "unicon bench", "date_utc": "2026-01-01 00:00:00"}
+
+    page.write_text(render_page(machine, blocks, 60.0, quick=False), encoding="utf-8")
+    read_back = read_section_blocks(page)
+
+    assert read_back == blocks
+    assert "Do not edit this page by hand" in page.read_text(encoding="utf-8")
+
+
+def test_bench_rejects_unknown_section(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as error:
+        build_parser().parse_args(["bench", "--sections", "scale,speed"])
+
+    assert error.value.code == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+def test_tree_memory_sampler_counts_children() -> None:
+    # A shell whose child keeps 200 MiB of touched memory for two seconds.
+    code = (
+        "import time; b = bytearray(200 * 2**20); b[::4096] = b'1' * len(b[::4096]); time.sleep(2)"
+    )
+    proc = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "{code}"; true'])
+    with TreeMemorySampler(proc.pid, interval_s=0.05) as sampler:
+        proc.wait(timeout=60)
+
+    assert sampler.samples > 5
+    assert sampler.peak_processes >= 2
+    assert sampler.peak_rss_bytes >= 200 * 2**20
+
+
+# ---------------------------------------------------------------------------
+# Slow: the whole --quick benchmark
+# ---------------------------------------------------------------------------
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _numbers(rows: list[dict[str, str]]) -> list[float]:
+    values = []
+    for row in rows:
+        for cell in row.values():
+            try:
+                values.append(float(cell))
+            except (TypeError, ValueError):
+                continue
+    return values
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    docs_page = REPO_DIR / "docs" / "benchmarks.md"
+    before = docs_page.stat().st_mtime_ns if docs_page.exists() else None
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "simulation.cli", "bench", "--quick", "--out", str(out)],
+        cwd=REPO_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Benchmarks: {out / 'benchmarks.md'}" in result.stdout
+    after = docs_page.stat().st_mtime_ns if docs_page.exists() else None
+    assert after == before, "--quick must not write docs/benchmarks.md"
+    return out
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_section(quick_run: Path) -> None:
+    page = (quick_run / "benchmarks.md").read_text(encoding="utf-8")
+    blocks = read_section_blocks(quick_run / "benchmarks.md")
+
+    assert "Do not edit this page by hand" in page
+    assert set(blocks) == set(SECTIONS)
+    for key in SECTIONS:
+        rows = _rows(quick_run / "benchmarks" / f"{key}.csv")
+        assert rows, key
+        if list(rows[0]) == ["status", "reason"]:
+            assert rows[0]["status"] == "not measured"
+            assert f"not measured: {rows[0]['reason']}" in blocks[key]
+            continue
+        numbers = _numbers(rows)
+        assert numbers, key
+        assert all(math.isfinite(v) for v in numbers), key
+        assert "not measured" not in blocks[key].split("\n", 3)[-1].split("Targets")[0], key
+
+
+@pytest.mark.slow
+def test_bench_quick_measures_all_but_methods(quick_run: Path) -> None:
+    measured = {"communication", "scale", "privacy", "deployment"}
+    for key in measured:
+        rows = _rows(quick_run / "benchmarks" / f"{key}.csv")
+        assert list(rows[0]) != ["status", "reason"], (key, rows[0])
+        assert (quick_run / "benchmarks" / f"{key}.png").read_bytes()[:8] == PNG_MAGIC, key
+    methods = _rows(quick_run / "benchmarks" / "methods.csv")
+    assert methods[0]["status"] == "not measured"
+
+
+@pytest.mark.slow
+def test_bench_quick_scale_split_adds_up(quick_run: Path) -> None:
+    (row,) = _rows(quick_run / "benchmarks" / "scale.csv")
+    parts = sum(float(row[k]) for k in ("startup_s", "client_s", "server_s", "engine_other_s"))
+
+    assert int(row["hospitals"]) == 3
+    assert int(row["stages_written"]) == 4
+    assert int(row["exit_status"]) == 0
+    assert float(row["wall_s"]) > 0
+    assert parts == pytest.approx(float(row["wall_s"]), abs=0.05)
+    assert 0.05 < float(row["peak_rss_gib"]) < 24
+
+
+@pytest.mark.slow
+def test_bench_quick_bytes_match_model(quick_run: Path) -> None:
+    from server.curriculum import load_curriculum_mapping
+    from simulation.bench import _default_curriculum
+    from unicon_model.model import UniconModel
+    from unicon_model.spec import BackboneConfig
+
+    rows = {
+        (r["size"], r["stage"]): r for r in _rows(quick_run / "benchmarks" / "communication.csv")
+    }
+    curriculum = load_curriculum_mapping(_default_curriculum(), "test")
+    model = UniconModel(BackboneConfig.preset("tiny"))
+    model.grow(curriculum.stages[0].task)
+    state = model.state_dict()
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    trainable = set(model.trainable_sets("ct_cls").new)
+    frozen = sum(v.numel() * v.element_size() for k, v in state.items() if k not in trainable)
+
+    tiny = rows[("tiny", "ct_cls")]
+    assert int(tiny["full_model_fedavg_bytes_per_round"]) == total
+    # Flower's array framing adds a few hundred bytes per tensor on top of the raw values.
+    assert frozen <= int(tiny["frozen_bytes_once_per_site"]) <= frozen + 64 * 1024
+    for stage in ("ct_prog", "ct_seg", "petct_seg"):
+        assert float(rows[("ctfm", stage)]["ratio_full_to_sent"]) >= 50
+        assert int(rows[("tiny", stage)]["frozen_bytes_once_per_site"]) == 0
