@@ -39,7 +39,7 @@ from client.training import (
     train_local,
 )
 from unicon_model import wire
-from unicon_model.log import get_logger
+from unicon_model.log import ensure_logging, get_logger
 from unicon_model.model import UniconModel
 from unicon_model.serialization import build_model
 
@@ -152,6 +152,7 @@ def create_client_app(
     torch.set_num_threads(int(os.environ.get("UNICON_TORCH_THREADS", "1")))
 
     def load_site(context: Context) -> SiteConfig:
+        ensure_logging()
         return load_site_config(resolve_site_file(context, site_files))
 
     @app.query("site_info")

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.curriculum import Curriculum, load_curriculum
 from server.federation import FederationOptions, StageFailed, run_stage
 from server.registry import Registry, VersionInfo
-from unicon_model.log import get_logger
+from unicon_model.log import ensure_logging, get_logger
 
 logger = get_logger(__name__)
 
@@ -96,6 +96,7 @@ def create_server_app(settings: ServerSettings | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        ensure_logging()
         run_settings = settings or ServerSettings.from_run_config(dict(context.run_config))
         run_federation(grid, run_settings)
 

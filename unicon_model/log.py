@@ -20,6 +20,17 @@ def get_logger(module_name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT_LOGGER_NAME}.{module_name}")
 
 
+def ensure_logging(level: int | str = logging.INFO) -> None:
+    """Configure console logging unless the ``unicon`` root logger already has handlers.
+
+    Flower starts the ServerApp and ClientApps in processes of its own (SuperLink,
+    SuperNode, Ray actors), where nothing has configured logging yet. A process that
+    already did (``unicon simulate`` with its log file) keeps its handlers.
+    """
+    if not logging.getLogger(ROOT_LOGGER_NAME).handlers:
+        configure_logging(level)
+
+
 def configure_logging(level: int | str = logging.INFO, log_file: Path | None = None) -> None:
     """Send ``unicon`` log records to stderr and, optionally, to a file.
 
