@@ -139,152 +139,206 @@ RULES: dict[str, FaultRule] = {
     for rule in (
         # Files and encoding.
         FaultRule(
-            "file-missing", _E, "file not found",
-            "correct the path in the manifest (relative paths are relative to the manifest "
-            "file) or restore the file",
+            "file-missing",
+            _E,
+            "file not found",
+            "correct the path where it is declared (a dataset's `manifest` in the site YAML is "
+            "relative to the YAML file; paths in a manifest are relative to the manifest) or "
+            "restore the file",
         ),
         FaultRule(
-            "unsupported-file-type", _E, "not a NIfTI file name (.nii or .nii.gz)",
+            "unsupported-file-type",
+            _E,
+            "not a NIfTI file name (.nii or .nii.gz)",
             "convert the study to NIfTI (.nii.gz), for example with dcm2niix",
         ),
         FaultRule(
-            "compression-mismatch", _F,
+            "compression-mismatch",
+            _F,
             "file content is not compressed as its name says; decoded by content",
             "rename the file: '.nii' for uncompressed content, '.nii.gz' for gzip content",
         ),
         FaultRule(
-            "file-truncated", _E, "file ends before all of its voxels are stored",
+            "file-truncated",
+            _E,
+            "file ends before all of its voxels are stored",
             "copy or export the file again, because the transfer or conversion was cut short",
         ),
         FaultRule(
-            "nifti-unreadable", _E, "not a valid NIfTI-1 or NIfTI-2 file",
+            "nifti-unreadable",
+            _E,
+            "not a valid NIfTI-1 or NIfTI-2 file",
             "export the study again as NIfTI",
         ),
         # Header.
         FaultRule(
-            "not-3d", _E, "fewer than three spatial dimensions",
+            "not-3d",
+            _E,
+            "fewer than three spatial dimensions",
             "export the whole 3D volume, not a single slice",
         ),
         FaultRule(
-            "single-frame-4d", _F, "4D file with a single frame; squeezed to 3D",
+            "single-frame-4d",
+            _F,
+            "4D file with a single frame; squeezed to 3D",
             "nothing is needed; export as 3D to silence this message",
         ),
         FaultRule(
-            "multi-frame-4d", _E,
+            "multi-frame-4d",
+            _E,
             "4D file with several frames, for example a dynamic PET series",
             "export one static 3D frame (for PET the static or summed frame, in SUV)",
         ),
         FaultRule(
-            "no-orientation", _W,
+            "no-orientation",
+            _W,
             "header has qform_code and sform_code 0, so orientation and origin are guessed "
             "from the voxel sizes and pairing by affine may be wrong",
             "convert the study again with a tool that writes the scanner orientation "
             "(for example dcm2niix)",
         ),
         FaultRule(
-            "label-scaling", _E,
+            "label-scaling",
+            _E,
             "label file has scl_slope/scl_inter scaling, so its voxel values are not the "
             "stored integers",
             "save the mask as an integer type with scl_slope 0 or 1 and scl_inter 0",
         ),
         # Voxel values.
         FaultRule(
-            "non-finite-voxels", _E, "NaN or infinite voxel values",
+            "non-finite-voxels",
+            _E,
+            "NaN or infinite voxel values",
             "write a corrected copy with the NaN and infinite voxels replaced by the "
             "background value and point the manifest at it",
         ),
         FaultRule(
-            "pet-integer-overflow", _E,
+            "pet-integer-overflow",
+            _E,
             "large negative PET values next to high uptake, the signature of integer "
             "overflow at export",
             "export the PET again as float32, or as int16 with a scl_slope that keeps the "
             "maximum stored value below 32767",
         ),
         FaultRule(
-            "label-near-integer", _W,
+            "label-near-integer",
+            _W,
             f"float label values within {LABEL_ROUNDING_TOLERANCE:g} of integers; rounded",
             "save the mask as an integer type (uint8)",
         ),
         FaultRule(
-            "label-fractional", _E, "label has fractional values, so it is not a mask",
+            "label-fractional",
+            _E,
+            "label has fractional values, so it is not a mask",
             "export the mask as integers, resampled with nearest-neighbour interpolation",
         ),
         FaultRule(
-            "label-values", _E, "label values are not classes of the task",
+            "label-values",
+            _E,
+            "label values are not classes of the task",
             "point the label column at the mask, or add a label_map to this dataset in the "
             "site YAML (task class -> source values; unlisted values become background)",
         ),
         FaultRule(
-            "label-map-classes", _E, "label_map uses task classes the task does not have",
+            "label-map-classes",
+            _E,
+            "label_map uses task classes the task does not have",
             "map source values to task classes 1..K-1, where K is the task's number of classes",
         ),
         # Pairing of files by physical space.
         FaultRule(
-            "grid-mismatch", _F,
+            "grid-mismatch",
+            _F,
             "different grid (shape, spacing, orientation or origin) than the reference; "
             "resampled onto the reference grid by affine",
             "nothing is needed when both files come from the same frame of reference",
         ),
         FaultRule(
-            "shape-off-by-one", _W,
+            "shape-off-by-one",
+            _W,
             "same affine but the shape differs by one voxel; padded or cropped",
             "check the export, because converters that drop or add an edge slice cause this",
         ),
         FaultRule(
-            "no-overlap", _E, "no spatial overlap with the reference by the affines",
+            "no-overlap",
+            _E,
+            "no spatial overlap with the reference by the affines",
             "pair files of the same study; check that both come from the same frame of "
             "reference and that the affines are correct",
         ),
         # Manifests and dataset descriptions.
         FaultRule(
-            "manifest-unreadable", _E, "manifest cannot be read",
+            "manifest-unreadable",
+            _E,
+            "manifest cannot be read",
             "save the manifest as UTF-8 CSV with a header row",
         ),
         FaultRule(
-            "dataset-json-invalid", _E, "dataset description is invalid",
+            "dataset-json-invalid",
+            _E,
+            "dataset description is invalid",
             "follow the Decathlon (msd) or nnU-Net v2 (nnunet) dataset.json layout",
         ),
         FaultRule(
-            "missing-column", _E, "required column is missing",
+            "missing-column",
+            _E,
+            "required column is missing",
             "add the column to the manifest header",
         ),
         FaultRule(
-            "unknown-column", _W, "column is not used and is ignored",
+            "unknown-column",
+            _W,
+            "column is not used and is ignored",
             "rename it if it was meant to be one of the manifest columns",
         ),
         FaultRule(
-            "missing-value", _E, "required value is empty",
+            "missing-value",
+            _E,
+            "required value is empty",
             "fill the cell, or remove the row",
         ),
         FaultRule(
-            "duplicate-case-id", _E, "case_id appears in more than one row",
+            "duplicate-case-id",
+            _E,
+            "case_id appears in more than one row",
             "give every row its own case_id",
         ),
         FaultRule(
-            "patient-in-several-splits", _E,
-            "the same patient_id is in more than one split, which leaks test data into "
-            "training",
+            "patient-in-several-splits",
+            _E,
+            "the same patient_id is in more than one split, which leaks test data into training",
             "put all rows of a patient in one split",
         ),
         FaultRule(
-            "invalid-split", _E, "split must be train, val or test",
+            "invalid-split",
+            _E,
+            "split must be train, val or test",
             "write train, val or test in every row, or leave the column empty in every row "
             "for the deterministic patient-level split",
         ),
         FaultRule(
-            "invalid-class", _E, "class is not an integer class of the task",
+            "invalid-class",
+            _E,
+            "class is not an integer class of the task",
             "write the class as an integer 0..K-1, where K is the task's number of classes",
         ),
         FaultRule(
-            "invalid-survival-time", _E, "survival time must be a number of days > 0",
+            "invalid-survival-time",
+            _E,
+            "survival time must be a number of days > 0",
             "write the follow-up time in days; rows with zero follow-up carry no information",
         ),
         FaultRule(
-            "invalid-survival-event", _E, "event must be 0 (censored) or 1 (event observed)",
+            "invalid-survival-event",
+            _E,
+            "event must be 0 (censored) or 1 (event observed)",
             "write 1 when the event was observed and 0 when follow-up ended without it",
         ),
         FaultRule(
-            "no-cases", _E, "dataset has no cases", "add cases to the manifest",
+            "no-cases",
+            _E,
+            "dataset has no cases",
+            "add cases to the manifest",
         ),
     )
 }
@@ -404,7 +458,9 @@ def _parse_nifti(
     if len(content) < expected:
         issues.append(
             RULES["file-truncated"].issue(
-                path, field, f"{len(content)} bytes",
+                path,
+                field,
+                f"{len(content)} bytes",
                 f"the header promises {expected} bytes of voxel data and header",
             )
         )
@@ -475,9 +531,7 @@ def decode_volume(path: Path, role: str, issues: list[Issue], field: str = "") -
     if role == "label":
         if slope != 1.0 or inter != 0.0:
             issues.append(
-                RULES["label-scaling"].issue(
-                    path, "scl_slope/scl_inter", f"{slope:g}/{inter:g}"
-                )
+                RULES["label-scaling"].issue(path, "scl_slope/scl_inter", f"{slope:g}/{inter:g}")
             )
             return None
         raw = np.asanyarray(proxy).reshape(shape3)
@@ -504,7 +558,9 @@ def _check_finite(path: Path, field: str, array: np.ndarray, issues: list[Issue]
     if count:
         issues.append(
             RULES["non-finite-voxels"].issue(
-                path, field, f"{count} of {array.size} voxels",
+                path,
+                field,
+                f"{count} of {array.size} voxels",
                 f"{int(np.isnan(array).sum())} NaN",
             )
         )
@@ -531,7 +587,9 @@ def _check_pet_overflow(path: Path, field: str, array: np.ndarray, issues: list[
         return True
     issues.append(
         RULES["pet-integer-overflow"].issue(
-            path, field, f"minimum {float(array.min()):.4g} next to maximum {peak:.4g}",
+            path,
+            field,
+            f"minimum {float(array.min()):.4g} next to maximum {peak:.4g}",
             f"{int(wrapped.sum())} voxels",
         )
     )
@@ -591,7 +649,9 @@ def check_label_values(
     if low < 0 or values.size > LABEL_MAX_DISTINCT_VALUES:
         issues.append(
             RULES["label-values"].issue(
-                volume.path, volume.role, f"{values.size} distinct values from {low} to {high}",
+                volume.path,
+                volume.role,
+                f"{values.size} distinct values from {low} to {high}",
                 "this looks like an image, not a mask",
             )
         )
@@ -604,7 +664,9 @@ def check_label_values(
         more = f" and {outside.size - 10} more" if outside.size > 10 else ""
         issues.append(
             RULES["label-values"].issue(
-                volume.path, volume.role, f"{listed}{more}",
+                volume.path,
+                volume.role,
+                f"{listed}{more}",
                 f"the task has classes 0..{num_classes - 1}",
             )
         )
@@ -644,8 +706,12 @@ def apply_label_map(
 def _world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned world box (min, max) in mm covering every voxel of a grid."""
     corners = np.array(
-        [[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
-         for k in (-0.5, shape[2] - 0.5)]
+        [
+            [i, j, k]
+            for i in (-0.5, shape[0] - 0.5)
+            for j in (-0.5, shape[1] - 0.5)
+            for k in (-0.5, shape[2] - 0.5)
+        ]
     )
     world = corners @ affine[:3, :3].T + affine[:3, 3]
     return world.min(axis=0), world.max(axis=0)
@@ -738,8 +804,10 @@ def pair_onto_reference(
     if np.any(overlap <= 0.0):
         issues.append(
             RULES["no-overlap"].issue(
-                moving.path, field, moving_grid, f"reference {reference.path.name}: "
-                f"{reference_grid}"
+                moving.path,
+                field,
+                moving_grid,
+                f"reference {reference.path.name}: {reference_grid}",
             )
         )
         return None
@@ -755,7 +823,9 @@ def pair_onto_reference(
 
     issues.append(
         RULES["grid-mismatch"].issue(
-            moving.path, field, moving_grid,
+            moving.path,
+            field,
+            moving_grid,
             f"reference {reference.path.name}: {reference_grid}; "
             f"{'nearest-neighbour' if order == 0 else 'linear'} interpolation",
         )
@@ -837,4 +907,3 @@ def describe_issues(issues: list[Issue], limit: int = 3) -> str:
     if len(errors) > limit:
         lines.append(f"... and {len(errors) - limit} more errors")
     return "\n".join(lines)
-

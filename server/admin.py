@@ -181,6 +181,15 @@ def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
     other tasks' modules are left out, and ``depends_on`` is dropped because the
     task already holds its own copy of what it started from.
     """
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RegistryError(
+            f"--out {out_dir}: already exists and is not an empty folder; pass a new folder "
+            "(an export never overwrites files)"
+        )
+    if not registry_dir.is_dir():
+        raise RegistryError(
+            f"--registry {registry_dir}: folder not found; pass the registry folder of a run"
+        )
     registry = Registry(registry_dir)
     latest = registry.latest()
     if latest is None:
@@ -207,9 +216,26 @@ def export_task(registry_dir: Path, task: str, out_dir: Path) -> Path:
     save_model(exported, out_dir)
     write_json_atomic(
         out_dir / "export.json",
-        {"task": task, "from_version": latest.name, "version_id": latest.version_id},
+        {
+            "task": task,
+            "from_version": latest.name,
+            "version_id": latest.version_id,
+            "preprocess": _task_preprocess(registry.read_json(latest, "curriculum.json"), task),
+            "input": "float32 (B, C, D, H, W) in RAS orientation at `preprocess.spacing`; "
+            "CT: Hounsfield window scaled to [0, 1]; PET: SUV / suv_scale; petct: channels [CT, PET]",
+            "load": "unicon_model.serialization.load_model(folder), then model(images, task)",
+        },
     )
     return out_dir
+
+
+def _task_preprocess(curriculum: dict[str, Any], task: str) -> dict[str, Any] | None:
+    """Return the preprocessing of the stage that trained ``task``, from a curriculum snapshot."""
+    for stage in curriculum.get("stages", []):
+        if stage.get("task", {}).get("name") == task:
+            preprocess: dict[str, Any] = stage.get("preprocess", {})
+            return preprocess
+    return None
 
 
 def status_json(registry_dir: Path) -> str:

@@ -545,7 +545,12 @@ def evaluate_all(
                 weights.append(site_metrics[count_key])
         if values:
             pooled = float(np.average(values, weights=weights))
-            report.pooled[task.name] = {"metric": metric, "value": pooled, "sites": len(values)}
+            report.pooled[task.name] = {
+                "metric": metric,
+                "value": pooled,
+                "sites": len(values),
+                "cases": int(sum(weights)),
+            }
         else:
             report.pooled[task.name] = {
                 "metric": metric,

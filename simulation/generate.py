@@ -288,8 +288,8 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise SiteBuildError(
-            f"Output folder {out_dir} already contains generated sites ({cohort_path}); pass "
-            "overwrite=True to replace them or choose another folder."
+            f"Output folder {out_dir} already contains generated sites ({cohort_path}); choose "
+            "another output folder (unicon simulate --out, or a new out_dir) or remove this one."
         )
 
     try:

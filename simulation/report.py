@@ -414,7 +414,8 @@ def write_report(
         f"- registry: `{main_registry.relative_to(out)}`; long-format metrics: `metrics.csv` ({rows_written} rows)",
         "",
         "Metrics: classification AUC, prognosis Harrell's C-index, segmentation mean foreground Dice,",
-        "each the sample-weighted mean over the sites that evaluated the task on their test split.",
+        "each the mean over the sites that evaluated the task, weighted by their evaluation cases.",
+        "A site evaluates on its test split, or on its validation split when it has no test cases.",
         "",
         "## Per stage",
         "",
@@ -440,10 +441,16 @@ def write_report(
         for task in matrix.tasks:
             value = matrix.get(stage, task)
             cells.append(
-                "" if value.value is None and value.reason == "not learned yet" else _fmt(value)
+                "" if value.value is None and value.reason == "not evaluated" else _fmt(value)
             )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     forgetting = matrix.forgetting()
+    if reports:
+        cases = ", ".join(
+            f"{task} {pooled.get('cases', 0)} at {pooled.get('sites', 0)} sites"
+            for task, pooled in reports[-1]["pooled"].items()
+        )
+        lines += ["", f"Evaluation cases behind the last row: {cases}."]
     lines += [
         "",
         f"Backward transfer: {_fmt(matrix.backward_transfer())}. Average final metric: {_fmt(matrix.average_final())}.",

@@ -18,7 +18,7 @@ import yaml
 from client.site_config import find_site_files, load_site_config
 from client.validation import check_site
 from server.app import ServerSettings, create_server_app
-from server.curriculum import load_curriculum
+from server.curriculum import CurriculumError, load_curriculum, load_curriculum_mapping
 from server.federation import StageFailed
 from simulation.presets import PresetOptions, resolve_preset
 from unicon_model.log import configure_logging, get_logger
@@ -150,6 +150,19 @@ def run_preset(
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     result = SimulationResult(out_dir=out)
 
+    # Read the curriculum first: a typo in it must not cost the time of building sites.
+    try:
+        if options.curriculum is not None:
+            raw = load_curriculum(options.curriculum).to_dict()
+            if options.rounds is not None:
+                for stage in raw["stages"]:
+                    stage["rounds"] = options.rounds
+        else:
+            raw = preset.curriculum(options)
+        load_curriculum_mapping(raw, str(options.curriculum or f"preset {preset_name}"))
+    except CurriculumError as error:
+        raise SimulationError(str(error)) from error
+
     started = time.monotonic()
     if options.sites_dir is not None:
         site_files = find_site_files(options.sites_dir)
@@ -169,13 +182,6 @@ def run_preset(
     )
     check_sites(site_files)
 
-    if options.curriculum is not None:
-        raw = load_curriculum(options.curriculum).to_dict()
-        if options.rounds is not None:
-            for stage in raw["stages"]:
-                stage["rounds"] = options.rounds
-    else:
-        raw = preset.curriculum(options)
     variants = [UNICON, *(BASELINES if compare else ())]
     for variant in variants:
         variant_start = time.monotonic()

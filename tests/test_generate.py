@@ -320,7 +320,7 @@ def test_generate_output_folder_rules(tmp_path: Path) -> None:
 
     out_dir = tmp_path / "fed"
     generate_federation(out_dir, num_sites=2, tiny=True, tasks=["ct_seg"])
-    with pytest.raises(SiteBuildError, match="overwrite=True"):
+    with pytest.raises(SiteBuildError, match="already contains generated sites"):
         generate_federation(out_dir, num_sites=1, tiny=True)
 
     state_file = out_dir / "hospital-b" / "state" / "privacy_ledger.json"
