@@ -15,15 +15,27 @@ Which site a ClientApp serves comes from the node config:
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from client.audit import AuditLog, check_reply
 from client.frozen_cache import FrozenCache
@@ -108,6 +120,41 @@ def _rebuild_model(
     return model, trainable_names
 
 
+_PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"(),;]+")
+
+
+def public_reason(text: str) -> str:
+    """Return ``text`` with every file path replaced, for a reason that leaves the site.
+
+    Messages written for the site's own staff name files; what goes to the server
+    must not, so each absolute path becomes ``<path>`` (the site log keeps the original).
+    """
+    return _PATH_PATTERN.sub("<path>", text)
+
+
+def _guarded(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    """Turn an exception in a handler into a generic error reply; details stay in the site log.
+
+    Without this, Flower would send ``str(exception)`` to the server, which may name
+    a file of the site and bypasses the reply check and the audit log.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as error:
+            logger.exception(
+                "%s failed at node %s: %s", message.metadata.message_type, context.node_id, error
+            )
+            reason = f"{type(error).__name__} at the site; the site log has the details"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+
+    return wrapper
+
+
 def _reply(
     message: Message,
     site: SiteConfig,
@@ -131,6 +178,7 @@ def _reply(
     content = RecordDict({wire.METRICS: MetricRecord(dict(metrics.items()))})
     for key, record in arrays.items():
         content[key] = record
+    reasons = {key: public_reason(value) for key, value in reasons.items()}
     if reasons:
         content[wire.REASONS] = ConfigRecord(dict(reasons.items()))
     return Message(content=content, reply_to=message)
@@ -156,6 +204,7 @@ def create_client_app(
         return load_site_config(resolve_site_file(context, site_files))
 
     @app.query("site_info")
+    @_guarded
     def site_info(message: Message, context: Context) -> Message:
         site = load_site(context)
         tasks = [str(t) for t in message.content[wire.CONFIG].get("tasks", [])]  # type: ignore[union-attr]
@@ -166,10 +215,20 @@ def create_client_app(
         content = RecordDict(
             {wire.SITE_INFO: info, wire.METRICS: MetricRecord(dict(counts.items()))}
         )
+        # The counts are the only site data in this reply, so they go to the audit log too.
+        AuditLog(site.state_dir).append(
+            run_id="-",
+            stage="-",
+            server_round=0,
+            message_type=message.metadata.message_type,
+            arrays={},
+            metrics=counts,
+        )
         logger.info("site=%s reported data for %s", site.site, sorted(counts))
         return Message(content=content, reply_to=message)
 
     @app.train("stage")
+    @_guarded
     def train(message: Message, context: Context) -> Message:
         site = load_site(context)
         request = StageRequest.from_config(message.content[wire.CONFIG])
@@ -248,13 +307,22 @@ def create_client_app(
         )
 
     @app.query("fisher")
+    @_guarded
     def fisher(message: Message, context: Context) -> Message:
         site = load_site(context)
         request = StageRequest.from_config(message.content[wire.CONFIG])
         model, _ = _rebuild_model(site, request, message)
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        if DPConfig.from_mapping(site.privacy, site.source) is not None:
+            # A Fisher is computed without noise, so a DP site would spend privacy off its ledger.
+            reason = "the site trains with differential privacy and sends no Fisher"
+            logger.warning("site=%s stage=%s: %s", site.site, request.stage, reason)
+            return _reply(
+                message, site, request, {}, {wire.NUM_EXAMPLES: 0, wire.DECLINED: 1},
+                {wire.DECLINED: reason}, shapes,
+            )  # fmt: skip
         shared = model.trainable_sets(request.task, finetune_shared=True).shared
         values, count = site_fisher(model, site, request, shared)
-        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
         return _reply(
             message,
             site,
@@ -266,6 +334,7 @@ def create_client_app(
         )
 
     @app.evaluate("tasks")
+    @_guarded
     def evaluate(message: Message, context: Context) -> Message:
         site = load_site(context)
         request = StageRequest.from_config(message.content[wire.CONFIG])
