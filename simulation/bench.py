@@ -1181,12 +1181,17 @@ def _first_reason(values: Iterable[Any]) -> str | None:
 
 
 def aggregate_methods(per_seed: Sequence[Sequence[VariantSummary]]) -> list[MethodFigures]:
-    """Combine each method's summaries of several seeds (same methods in the same order)."""
+    """Combine each method's summaries of several seeds, matched by method name.
+
+    Methods come in the order they first appear; a method missing in a seed (for
+    example one that did not finish) is summarized over the seeds that have it.
+    """
+    by_name: dict[str, list[VariantSummary]] = {}
+    for seed in per_seed:
+        for summary in seed:
+            by_name.setdefault(summary.name, []).append(summary)
     figures: list[MethodFigures] = []
-    if not per_seed:
-        return figures
-    for index, first in enumerate(per_seed[0]):
-        runs = [seed[index] for seed in per_seed]
+    for name, runs in by_name.items():
         tasks = list(dict.fromkeys(t for run in runs for t in run.final))
         final = {
             task: spread_of(
@@ -1197,8 +1202,8 @@ def aggregate_methods(per_seed: Sequence[Sequence[VariantSummary]]) -> list[Meth
         }
         figures.append(
             MethodFigures(
-                name=first.name,
-                label=first.label,
+                name=name,
+                label=runs[0].label,
                 final=final,
                 average=spread_of(
                     (run.average.value for run in runs), _first_reason(r.average for r in runs)
@@ -1246,11 +1251,12 @@ def run_methods_seed(
     data_dir: Path | None,
     timeout_s: float = WORKER_TIMEOUT_S,
 ) -> MethodRun:
-    """Run ``run_preset(preset, compare=True)`` for one seed in a child process and summarize it."""
-    import shutil
+    """Run ``run_preset(preset, compare=True)`` for one seed in a child process and summarize it.
 
-    from simulation.report import summarize_variant
-    from simulation.runner import BASELINES, UNICON
+    A run stopped at the time budget or failed part-way keeps the methods whose every
+    stage finished; their time is then the sum of their stages' wall times.
+    """
+    import shutil
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -1268,38 +1274,83 @@ def run_methods_seed(
     outcome = run_worker(spec, folder, timeout_s=min(timeout_s, WORKER_TIMEOUT_S))
     run = MethodRun(preset, seed, outcome)
     result_file = folder / "result.json"
-    if outcome.timed_out:
-        run.error = f"stopped after {outcome.wall_s / 60:.0f} min, at the end of the time budget"
-        return run
-    if not outcome.ok or not result_file.is_file():
-        run.error = f"exit status {outcome.exit_status}; log: {_log_tail(outcome.log)}"
-        return run
-    run.result = json.loads(result_file.read_text(encoding="utf-8"))
-    registries = {k: Path(v) for k, v in run.result["registries"].items()}
+    if outcome.ok and result_file.is_file():
+        run.result = json.loads(result_file.read_text(encoding="utf-8"))
+        registries = {k: Path(v) for k, v in run.result["registries"].items()}
+        wall_times = {k: float(v) for k, v in run.result["wall_time_s"].items()}
+    else:
+        registries = finished_registries(folder / "run")
+        wall_times = {}
+        if outcome.timed_out:
+            stopped = f"stopped after {outcome.wall_s / 60:.0f} min, at the end of the time budget"
+        else:
+            stopped = f"failed with exit status {outcome.exit_status}: {_log_tail(outcome.log)}"
+        if not registries:
+            run.error = stopped
+            return run
+        kept = sorted({key.split("-")[0] for key in registries})
+        run.notes.append(
+            f"NOTE: seed {seed} {stopped}; kept the methods that finished ({', '.join(kept)}), "
+            "with their time summed over stages (Ray start-up left out)."
+        )
+    run.summaries = _summaries(registries, wall_times)
+    return run
+
+
+def finished_registries(run_dir: Path) -> dict[str, Path]:
+    """Find the registries of a ``run_preset`` folder whose method finished every stage.
+
+    Keys are those of ``SimulationResult.registries``: ``unicon``, ``sequential``,
+    ``isolated-0`` ... ``isolated-N``, ``joint``. The isolated method counts only when
+    all its per-stage runs finished.
+    """
+    from server.curriculum import load_curriculum
+    from server.registry import Registry
+
+    found: dict[str, Path] = {}
+    isolated_parts = 0
+    for curriculum_file in sorted(run_dir.glob("curriculum-*.yaml")):
+        key = curriculum_file.stem.removeprefix("curriculum-")
+        registry = run_dir / ("registry" if key == "unicon" else f"baselines/{key}/registry")
+        expected = 1 if key == "joint" else len(load_curriculum(curriculum_file).stages)
+        isolated_parts += key.startswith("isolated-")
+        if registry.is_dir() and len(Registry(registry).versions()) >= expected:
+            found[key] = registry
+    if sum(key.startswith("isolated-") for key in found) < isolated_parts:
+        found = {k: v for k, v in found.items() if not k.startswith("isolated-")}
+    return found
+
+
+def _summaries(
+    registries: Mapping[str, Path], wall_times: Mapping[str, float]
+) -> list[VariantSummary]:
+    """Summarize every method present in ``registries``, in the order of ``run_preset``."""
+    from simulation.report import stage_reports, summarize_variant
+    from simulation.runner import BASELINES, UNICON
+
+    summaries = []
     for variant in (UNICON, *BASELINES):
         chosen = [
-            p
-            for k, p in registries.items()
-            if k == variant.name or k.startswith(f"{variant.name}-")
+            path
+            for key, path in registries.items()
+            if key == variant.name or key.startswith(f"{variant.name}-")
         ]
         if not chosen:
-            run.error = f"the run wrote no registry for {variant.name}"
-            return run
-        run.summaries.append(
-            summarize_variant(
-                variant.name,
-                variant.label,
-                chosen,
-                float(run.result["wall_time_s"].get(variant.name, 0.0)),
-            )
-        )
-    return run
+            continue
+        if variant.name in wall_times:
+            seconds = wall_times[variant.name]
+        else:
+            seconds = sum(float(r["wall_time_s"]) for p in chosen for r in stage_reports(p))
+        summaries.append(summarize_variant(variant.name, variant.label, chosen, seconds))
+    return summaries
 
 
 def _paired_gain(runs: Sequence[MethodRun], task: str, better: str, worse: str) -> Spread:
     gains = []
     for run in runs:
         by_name = {s.name: s for s in run.summaries}
+        if better not in by_name or worse not in by_name:
+            continue
         first = by_name[better].final.get(task)
         second = by_name[worse].final.get(task)
         if (
@@ -1334,12 +1385,15 @@ def render_methods(
         body.append(
             f"NOTE: every stage ran {rounds} rounds instead of the preset's, to fit the time budget."
         )
-    for cohort, reason in skipped.items():
-        body += ["", f"### {cohort}", "", f"{NOT_MEASURED}{reason}"]
     measured = False
-    for cohort, runs in cohorts.items():
-        good = [r for r in runs if r.error is None and r.summaries]
+    for cohort in list(dict.fromkeys([*cohorts, *skipped])):
         body += ["", f"### {cohort}", ""]
+        if cohort in skipped:
+            body.append(f"{NOT_MEASURED}{skipped[cohort]}")
+        runs = cohorts.get(cohort, [])
+        if not runs:
+            continue
+        good = [r for r in runs if r.error is None and r.summaries]
         for failed in (r for r in runs if r.error is not None):
             body.append(f"Seed {failed.seed} failed: {failed.error}")
         for run in runs:

@@ -39,6 +39,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from server.federation import StageFailed
 from unicon_model.log import configure_logging, get_logger
 
 logger = get_logger(__name__)
@@ -354,6 +355,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_setting(
+    args: argparse.Namespace,
+    out: Path,
+    raw: dict[str, Any],
+    seed: int,
+    label: str,
+    target_epsilon: float | None,
+) -> BenchRow:
+    """Run one setting and seed on freshly generated sites and an empty registry."""
+    name = label.replace(" ", "-") + f"-seed{seed}"
+    folder = out / name
+    site_files = prepare_sites(
+        folder / "sites",
+        args.sites,
+        seed,
+        args.cases_per_site,
+        args.tiny,
+        target_epsilon,
+        args.delta,
+    )
+    curriculum_file = folder / "curriculum.yaml"
+    curriculum_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    registry = folder / "registry"
+    if registry.exists():
+        shutil.rmtree(registry)
+
+    started = time.monotonic()
+    run_federation(curriculum_file, registry, site_files, run_id=name)
+    return summarize_run(
+        label, target_epsilon, seed, registry, site_files, raw, time.monotonic() - started
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and write the CSV. Return the exit status."""
     args = build_parser().parse_args(argv)
@@ -371,34 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in args.seeds:
         raw = bench_curriculum(args.rounds, seed, args.sites)
         for label, target_epsilon in settings:
-            name = label.replace(" ", "-") + f"-seed{seed}"
-            folder = out / name
-            site_files = prepare_sites(
-                folder / "sites",
-                args.sites,
-                seed,
-                args.cases_per_site,
-                args.tiny,
-                target_epsilon,
-                args.delta,
-            )
-            curriculum_file = folder / "curriculum.yaml"
-            curriculum_file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-            registry = folder / "registry"
-            if registry.exists():
-                shutil.rmtree(registry)
-
-            started = time.monotonic()
-            run_federation(curriculum_file, registry, site_files, run_id=name)
-            row = summarize_run(
-                label,
-                target_epsilon,
-                seed,
-                registry,
-                site_files,
-                raw,
-                time.monotonic() - started,
-            )
+            try:
+                row = run_setting(args, out, raw, seed, label, target_epsilon)
+            except StageFailed as error:
+                # Seen once under heavy load: Ray started no node, so no site took part.
+                logger.warning("%s, seed %d failed (%s); retrying once", label, seed, error)
+                row = run_setting(args, out, raw, seed, label, target_epsilon)
             rows.append(row)
             write_rows(out / CSV_NAME, rows)
             print(

@@ -276,3 +276,48 @@ def test_bench_quick_bytes_match_model(quick_run: Path) -> None:
     for stage in ("ct_prog", "ct_seg", "petct_seg"):
         assert float(rows[("ctfm", stage)]["ratio_full_to_sent"]) >= 50
         assert int(rows[("tiny", stage)]["frozen_bytes_once_per_site"]) == 0
+
+
+def _write_versions(registry: Path, stages: list[tuple[str, dict[str, object]]]) -> None:
+    from server.registry import Registry
+    from unicon_model.model import UniconModel
+    from unicon_model.spec import BackboneConfig, TaskSpec
+
+    model = UniconModel(BackboneConfig.preset("tiny"))
+    for index, (stage, task) in enumerate(stages):
+        model.grow(TaskSpec(name=stage, **task))  # type: ignore[arg-type]
+        Registry(registry).write_version(
+            index=index,
+            stage=stage,
+            model=model,
+            curriculum={},
+            metrics={},
+            accuracy_matrix={"metric": "task metric", "rows": []},
+        )
+
+
+def test_finished_registries_skip_partial_methods(tmp_path: Path) -> None:
+    import yaml
+
+    from simulation.bench import _default_curriculum, finished_registries
+
+    raw = _default_curriculum()
+    raw["stages"] = raw["stages"][:2]
+    for name, stages in (
+        ("unicon", raw["stages"]),
+        ("sequential", raw["stages"]),
+        ("isolated-0", raw["stages"][:1]),
+        ("isolated-1", raw["stages"][1:]),
+        ("joint", raw["stages"]),
+    ):
+        text = yaml.safe_dump({**raw, "stages": stages})
+        (tmp_path / f"curriculum-{name}.yaml").write_text(text, encoding="utf-8")
+    tasks = [(s["name"], dict(s["task"])) for s in raw["stages"]]
+    _write_versions(tmp_path / "registry", tasks)
+    _write_versions(tmp_path / "baselines" / "sequential" / "registry", tasks[:1])
+    _write_versions(tmp_path / "baselines" / "isolated-0" / "registry", tasks[:1])
+
+    found = finished_registries(tmp_path)
+
+    # sequential stopped after one of two stages, and isolated-1 never ran.
+    assert found == {"unicon": tmp_path / "registry"}
