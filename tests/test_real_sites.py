@@ -103,8 +103,8 @@ def test_real_sample_studies_not_copied(sample_sites: list[Path]) -> None:
             if task not in datasets(yaml_path):
                 continue
             for row in read_manifest(yaml_path, task):
-                assert Path(row["ct"]).resolve().is_relative_to(REAL_DATA)
-                assert Path(row["label"]).resolve().is_relative_to(REAL_DATA)
+                assert Path(row["ct"]).resolve().is_relative_to(REAL_DATA.resolve())
+                assert Path(row["label"]).resolve().is_relative_to(REAL_DATA.resolve())
 
 
 def test_real_sample_label_maps_match_json(sample_sites: list[Path]) -> None:
