@@ -382,7 +382,7 @@ def cache_key(
 # --------------------------------------------------------------------------- datasets
 
 
-def _fit_to_patch(image: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+def fit_to_patch(image: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
     """Resize ``(C, D, H, W)`` keeping the aspect ratio to fit ``patch_size``, then pad."""
     shape = image.shape[1:]
     scale = min(p / s for p, s in zip(patch_size, shape, strict=True))
@@ -478,7 +478,7 @@ class TaskDataset(Dataset[dict[str, torch.Tensor]]):
                 "label": _plain(data["label"]).to(torch.int64).contiguous(),
             }
 
-        item = {"image": _fit_to_patch(tensors["image"], self.preprocess.patch_size).contiguous()}
+        item = {"image": fit_to_patch(tensors["image"], self.preprocess.patch_size).contiguous()}
         if kind == "classification":
             item["class"] = torch.tensor(case.class_label, dtype=torch.int64)
         else:

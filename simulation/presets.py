@@ -3,11 +3,19 @@
 A preset is a recipe, not data: it builds its sites into the run's output folder
 (generated studies, or manifests that point at real studies) and writes the
 curriculum the run uses next to them, so a run folder is self-describing.
+
+The generated presets (``demo``, ``smoke``) start from a backbone pretrained at the
+coordinating centre on a generated public cohort (:mod:`simulation.pretrain`), as
+UNICON starts from a pretrained foundation model. The weights are cached in
+``<parent of --out>/.pretrained/<settings hash>/`` (``runs/.pretrained/`` for the
+default out dirs), so later runs with the same settings reuse them, and the
+curriculum's ``model.pretrained`` names the file.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +24,16 @@ from typing import Any
 import yaml
 
 from server.curriculum import DEFAULT_CURRICULUM
+from simulation.pretrain import PretrainSettings, cached_backbone
+from unicon_model.log import get_logger
+
+logger = get_logger(__name__)
+
+PRETRAINED_CACHE_DIR = ".pretrained"
+"""Folder next to the run's out dir that caches pretrained backbones by settings hash."""
+
+DEMO_CASES_PER_SITE = (56, 72)
+"""Cases per demo site: test splits of 12-14 cases, so that every site's AUC is defined."""
 
 
 class PresetError(ValueError):
@@ -62,18 +80,67 @@ def _with_overrides(raw: dict[str, Any], options: PresetOptions, **defaults: Any
     return raw
 
 
-def _generated_sites(tiny: bool) -> Callable[[PresetOptions, Path], list[Path]]:
+def _generated_sites(
+    tiny: bool, cases_per_site: tuple[int, int] | None = None
+) -> Callable[[PresetOptions, Path], list[Path]]:
     def build(options: PresetOptions, sites_root: Path) -> list[Path]:
         from simulation.generate import generate_federation
 
         num_sites = options.num_sites or (3 if tiny else 4)
-        return generate_federation(sites_root, num_sites=num_sites, seed=options.seed, tiny=tiny)
+        return generate_federation(
+            sites_root,
+            num_sites=num_sites,
+            seed=options.seed,
+            cases_per_site=cases_per_site,
+            tiny=tiny,
+        )
 
     return build
 
 
+def pretrained_cache_dir(options: PresetOptions) -> Path:
+    """Return the cache folder of pretrained backbones for a run: ``<out_dir parent>/.pretrained``."""
+    return options.out_dir.resolve().parent / PRETRAINED_CACHE_DIR
+
+
+def _with_pretrained_backbone(
+    raw: dict[str, Any], options: PresetOptions, settings: PretrainSettings
+) -> dict[str, Any]:
+    """Pretrain (or reuse) the backbone and point the curriculum's ``model.pretrained`` at it."""
+    result = cached_backbone(settings, pretrained_cache_dir(options))
+    raw.setdefault("model", {})["pretrained"] = str(result.weights)
+    logger.info(
+        "preset: backbone %s %s (pretext held-out nodule Dice %s)",
+        "reused from" if result.reused else "pretrained into",
+        result.weights,
+        result.card.get("held_out_dice", {}).get("nodule"),
+    )
+    return raw
+
+
+# Measured on the demo sites (4 sites of 60-67 cases, seed 0, 2 CPU cores): ct_cls AUC
+# 0.72, ct_prog C-index 0.64, ct_seg Dice 0.45, petct_seg Dice 0.67, in 5-8 minutes
+# with the pretraining. Prognosis needs the most local epochs: with 8 rounds of 3 its
+# training C-index stayed at 0.63.
+_DEMO_STAGES: dict[str, dict[str, Any]] = {
+    "ct_cls": {"rounds": 8, "local_epochs": 3, "learning_rate": 0.005},
+    "ct_prog": {"rounds": 8, "local_epochs": 5, "learning_rate": 0.005},
+    "ct_seg": {"rounds": 8, "local_epochs": 2, "learning_rate": 0.01},
+    "petct_seg": {"rounds": 6, "local_epochs": 2, "learning_rate": 0.01},
+}
+DEMO_PRETRAINING = PretrainSettings()
+SMOKE_PRETRAINING = PretrainSettings(steps=20, num_volumes=8, whole_volume_size=(16, 16, 16))
+
+
 def _demo_curriculum(options: PresetOptions) -> dict[str, Any]:
-    return _with_overrides(_default_curriculum(), options)
+    raw = _with_overrides(_default_curriculum(), options)
+    for stage in raw["stages"]:
+        tuned = dict(_DEMO_STAGES.get(stage["name"], {}))
+        if options.rounds is not None:
+            tuned.pop("rounds", None)
+        stage.update(tuned)
+    settings = dataclasses.replace(DEMO_PRETRAINING, seed=options.seed)
+    return _with_pretrained_backbone(raw, options, settings)
 
 
 def _smoke_curriculum(options: PresetOptions) -> dict[str, Any]:
@@ -90,7 +157,8 @@ def _smoke_curriculum(options: PresetOptions) -> dict[str, Any]:
         **raw["defaults"].get("preprocess", {}),
         "patch_size": [16, 16, 16],
     }
-    return raw
+    settings = dataclasses.replace(SMOKE_PRETRAINING, seed=options.seed)
+    return _with_pretrained_backbone(raw, options, settings)
 
 
 def _real_sample_sites(options: PresetOptions, sites_root: Path) -> list[Path]:
@@ -147,9 +215,9 @@ def _adrenal_curriculum(options: PresetOptions) -> dict[str, Any]:
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "demo",
-        "four virtual hospitals with generated CT and PET/CT studies, default curriculum",
+        "four virtual hospitals with generated CT and PET/CT studies, pretrained backbone, tuned curriculum",
         4,
-        _generated_sites(tiny=False),
+        _generated_sites(tiny=False, cases_per_site=DEMO_CASES_PER_SITE),
         _demo_curriculum,
     ),
     "smoke": Preset(

@@ -22,8 +22,8 @@ PETCT_SEG = TaskSpec("petct_seg", "segmentation", "petct", num_classes=3, depend
 TINY_BACKBONE_AND_STEM = 216 + 366816
 # Adapters, rank 4: 4 * (in + out) per convolution, summed over the 10 convolutions.
 TINY_ADAPTERS = 4 * (16 + 16) + 4 * (24 + 32 + 32) + 4 * (48 + 64 + 64) + 4 * (96 + 128 + 128)
-# Classification head: GroupNorm(64) 128 + Linear(64, 2) 130.
-TINY_CLS_HEAD = 128 + 130
+# Classification head: Linear over mean and max of every level, 2 * (8 + 16 + 32 + 64) inputs.
+TINY_CLS_HEAD = 2 * (8 + 16 + 32 + 64) * 2 + 2
 # Segmentation head, 3 classes: laterals (8+16+32+64)*8 + 4*8, three blocks 16 + 8*8*27,
 # final GroupNorm 16 + conv 8*3 + 3.
 TINY_SEG_HEAD_3 = 960 + 32 + 3 * (16 + 1728) + 16 + 27
@@ -211,3 +211,34 @@ def test_model_ctfm_preset_matches_monai_encoder_size() -> None:
 
     assert total == sum(parameter.numel() for parameter in reference.parameters())
     assert total == 77_760_992
+
+
+def test_pooled_heads_standardize_with_backbone_statistics() -> None:
+    """Pooled heads read (pooled - shift) / scale, with the backbone's buffers."""
+    model = make_model(CT_CLS, CT_SEG)
+    ct = torch.rand(2, 1, 16, 16, 16)
+    width = 2 * sum(model.config.level_channels)
+    assert torch.equal(model.backbone.pooled_shift, torch.zeros(width))
+    assert torch.equal(model.backbone.pooled_scale, torch.ones(width))
+    plain, segmentation = model(ct, task="ct_cls"), model(ct, task="ct_seg")
+
+    shift, scale = torch.linspace(-1.0, 1.0, width), torch.linspace(0.5, 2.0, width)
+    model.backbone.pooled_shift.copy_(shift)
+    model.backbone.pooled_scale.copy_(scale)
+
+    head = model.heads["ct_cls"]
+    features = model.backbone(model.stems["ct"](ct), model.adapters["ct_cls"])
+    pooled = torch.cat(
+        [p for f in features for p in (f.relu().flatten(2).mean(2), f.relu().flatten(2).amax(2))],
+        dim=1,
+    )
+    with torch.no_grad():
+        expected = head.fc((pooled - shift) / scale)
+        unshifted = head.fc(pooled)
+    torch.testing.assert_close(model(ct, task="ct_cls"), expected)
+    torch.testing.assert_close(plain, unshifted)
+    assert not torch.allclose(expected, unshifted)
+    # Segmentation heads do not read the statistics; both buffers are in the state dict.
+    assert torch.equal(model(ct, task="ct_seg"), segmentation)
+    assert {"backbone.pooled_shift", "backbone.pooled_scale"} <= set(model.state_dict())
+    assert "backbone.pooled_shift" not in dict(model.named_parameters())

@@ -88,6 +88,9 @@ class SegResEncoder(nn.Module):
         Filters, blocks per level and normalization.
     """
 
+    pooled_shift: Tensor
+    pooled_scale: Tensor
+
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
@@ -99,6 +102,14 @@ class SegResEncoder(nn.Module):
             )
             blocks = [ResBlock(config, channels) for _ in range(num_blocks)]
             self.down_layers.append(nn.Sequential(opening, *blocks))
+        # Statistics of the pooled features (mean and max of every channel of every level,
+        # the input of a pooled head) on the backbone's pretraining data. Pooled heads
+        # standardize their input with them; shift 0 and scale 1 leave it unchanged.
+        # Buffers, not parameters: they travel and are saved with the frozen backbone but
+        # never train, not even when the shared weights are fine-tuned.
+        pooled = 2 * sum(config.level_channels)
+        self.register_buffer("pooled_shift", torch.zeros(pooled))
+        self.register_buffer("pooled_scale", torch.ones(pooled))
 
     def conv_sites(self) -> list[ConvSite]:
         """List every convolution an adapter can attach to, in forward order."""

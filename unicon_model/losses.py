@@ -12,10 +12,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from torch import Tensor
 
 from unicon_model.spec import TaskSpec
+
+SEGMENTATION_FOREGROUND_WEIGHT = 5.0
+"""Cross-entropy weight of a foreground voxel relative to a background voxel."""
 
 
 class BatchError(KeyError):
@@ -105,9 +108,8 @@ def task_loss(spec: TaskSpec, output: Tensor, batch: Mapping[str, Tensor]) -> Te
     """Compute the training loss of a task, averaged over the batch.
 
     Classification: cross-entropy on ``class``. Prognosis: :func:`discrete_hazard_nll`
-    with time bins, :func:`cox_nll` without. Segmentation: Dice plus cross-entropy
-    (MONAI ``DiceCELoss`` with softmax, one-hot labels, background included, Dice per
-    sample so the loss stays per-sample separable for DP-SGD).
+    with time bins, :func:`cox_nll` without. Segmentation: :func:`segmentation_loss`,
+    per-sample Dice plus foreground-weighted cross-entropy.
 
     Parameters
     ----------
@@ -132,8 +134,37 @@ def task_loss(spec: TaskSpec, output: Tensor, batch: Mapping[str, Tensor]) -> Te
     label = batch_value(batch, "label", spec).long().to(output.device)
     if label.ndim == output.ndim - 1:
         label = label.unsqueeze(1)  # (B, D, H, W) -> (B, 1, D, H, W)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    return loss_fn(output, label)
+    return segmentation_loss(output, label)
+
+
+def segmentation_loss(
+    logits: Tensor, label: Tensor, foreground_weight: float = SEGMENTATION_FOREGROUND_WEIGHT
+) -> Tensor:
+    """Dice plus class-weighted cross-entropy, each computed per sample, averaged over the batch.
+
+    Dice is MONAI's ``DiceLoss`` (softmax, one-hot labels, background included, one
+    value per sample and class). In the cross-entropy every foreground voxel weighs
+    ``foreground_weight`` times a background voxel, and each sample is normalized by
+    its own weight sum, so the loss stays a mean of per-sample terms (as DP-SGD needs).
+    Without the weight, lesions of a few dozen voxels in a 32^3 patch were never
+    predicted: the unweighted loss settles at "all background" first and leaves it
+    only after hundreds of steps.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``(B, K, D, H, W)``.
+    label : Tensor
+        Class indices ``(B, 1, D, H, W)``.
+    foreground_weight : float
+        Cross-entropy weight of voxels of classes ``1..K-1``.
+    """
+    dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
+    target = label[:, 0]  # (B, D, H, W)
+    cross_entropy = F.cross_entropy(logits, target, reduction="none")  # (B, D, H, W)
+    weights = torch.where(target > 0, foreground_weight, 1.0).to(logits.dtype)
+    per_sample = (cross_entropy * weights).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1)
+    return dice + per_sample.mean()
 
 
 def class_probabilities(output: Tensor) -> Tensor:

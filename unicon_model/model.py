@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from unicon_model.adapters import build_task_adapters
 from unicon_model.backbone import SegResEncoder, initialize_stem_from, make_stem
-from unicon_model.heads import build_head
+from unicon_model.heads import PooledHead, build_head
 from unicon_model.log import get_logger
 from unicon_model.spec import BackboneConfig, ModelSpec, ModelSpecError, TaskSpec
 
@@ -213,7 +213,10 @@ class UniconModel(nn.Module):
         spec = self.task_spec(task)
         self._check_input(x, spec)
         features = self.backbone(self.stems[spec.modality](x), self.adapters[task])
-        return self.heads[task](features)
+        head = self.heads[task]
+        if isinstance(head, PooledHead):
+            return head(features, self.backbone.pooled_shift, self.backbone.pooled_scale)
+        return head(features)
 
     def _check_input(self, x: Tensor, spec: TaskSpec) -> None:
         if x.ndim != 5 or x.shape[1] != spec.in_channels:

@@ -15,6 +15,11 @@ Two layouts of MONAI 1.6 are recognized, optionally under one wrapper prefix suc
     ``layers.i.downsample.weight``  ->  ``backbone.down_layers.(i+1).0.conv.weight``
     (``N`` is 1 or 2.)
 
+Both layouts may also hold ``unicon.pooled_shift`` and ``unicon.pooled_scale``, the
+pooled-feature statistics that :mod:`simulation.pretrain` measures on its cohort; they
+are loaded into the backbone's buffers of the same names. Without them pooled heads see
+their input unchanged (shift 0, scale 1).
+
 SegResEncoder downsamples at the end of level ``i`` and SegResNet at the start of level
 ``i + 1``; both compute the same function. Running statistics of BatchNorm or
 InstanceNorm layers (``running_mean``, ``running_var``, ``num_batches_tracked``) are
@@ -43,6 +48,8 @@ _WRAPPER_PREFIXES = ("", "encoder.", "model.", "module.", "net.", "network.", "b
 _DECODER_PREFIXES = ("up_layers.", "up_samples.", "conv_final.")
 _RUNNING_STATISTICS = (".running_mean", ".running_var", ".num_batches_tracked")
 _STEM_KEY = f"stems.{BASE_MODALITY}.conv.weight"
+POOLED_STATISTICS = {"unicon.pooled_shift": "pooled_shift", "unicon.pooled_scale": "pooled_scale"}
+"""Checkpoint key -> backbone buffer of the optional pooled-feature statistics."""
 
 _ENCODER_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(norm[12]|conv[12])\.(weight|bias)$")
 _ENCODER_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.weight$")
@@ -161,6 +168,7 @@ def load_backbone_checkpoint(model: UniconModel, path: Path) -> list[str]:
     except ModelFileError as error:
         raise BackboneCheckpointError(str(error)) from error
 
+    statistics = {key: state.pop(key) for key in POOLED_STATISTICS if key in state}
     try:
         mapped, unexpected, ignored = map_checkpoint_keys(state)
     except BackboneCheckpointError as error:
@@ -181,6 +189,14 @@ def load_backbone_checkpoint(model: UniconModel, path: Path) -> list[str]:
         for name in targets
         if name in mapped and state[mapped[name]].shape != parameters[name].shape
     ]
+    for key, value in statistics.items():
+        buffer = model.backbone.get_buffer(POOLED_STATISTICS[key])
+        if value.shape != buffer.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(buffer.shape)}")
+        elif not bool(torch.isfinite(value).all()) or (
+            key.endswith("scale") and not bool((value > 0).all())
+        ):
+            mismatched.append(f"{key}: holds non-finite values or a scale <= 0")
     if missing or unexpected or mismatched:
         raise BackboneCheckpointError(
             f"{path}: checkpoint does not fit the backbone ({model.config}).\n"
@@ -193,6 +209,9 @@ def load_backbone_checkpoint(model: UniconModel, path: Path) -> list[str]:
     with torch.no_grad():
         for name in targets:
             parameters[name].copy_(state[mapped[name]].to(parameters[name].dtype))
+        for key, value in statistics.items():
+            buffer = model.backbone.get_buffer(POOLED_STATISTICS[key])
+            buffer.copy_(value.to(buffer.dtype))
 
     other_stems = [modality for modality in model.stems if modality != BASE_MODALITY]
     if other_stems:
@@ -200,5 +219,6 @@ def load_backbone_checkpoint(model: UniconModel, path: Path) -> list[str]:
             "load_backbone_checkpoint: stems %s were grown from the previous CT stem and keep "
             "their weights; load checkpoints before growing tasks", other_stems,
         )
-    logger.info("load_backbone_checkpoint: loaded %d tensors from %s", len(targets), path)
-    return targets
+    loaded = targets + [f"backbone.{POOLED_STATISTICS[key]}" for key in statistics]
+    logger.info("load_backbone_checkpoint: loaded %d tensors from %s", len(loaded), path)
+    return loaded
