@@ -119,9 +119,10 @@ def _with_pretrained_backbone(
 
 
 # Measured on the demo sites (4 sites of 60-67 cases, seed 0, 2 CPU cores): ct_cls AUC
-# 0.72, ct_prog C-index 0.64, ct_seg Dice 0.45, petct_seg Dice 0.67, in 5-8 minutes
+# 0.72, ct_prog C-index 0.60, ct_seg Dice 0.40, petct_seg Dice 0.70, in 5-8 minutes
 # with the pretraining. Prognosis needs the most local epochs: with 8 rounds of 3 its
-# training C-index stayed at 0.63.
+# training C-index stayed at 0.63. Ten rounds of ct_prog and ct_seg gave 0.64 and 0.45
+# at about a minute more.
 _DEMO_STAGES: dict[str, dict[str, Any]] = {
     "ct_cls": {"rounds": 8, "local_epochs": 3, "learning_rate": 0.005},
     "ct_prog": {"rounds": 8, "local_epochs": 5, "learning_rate": 0.005},

@@ -173,7 +173,7 @@ class PretrainSettings:
     backbone : BackboneConfig
         Encoder layout (default ``tiny``); must match the curriculum's ``model.backbone``.
     steps : int
-        Optimizer steps (default 300).
+        Optimizer steps (default 600).
     batch_size : int
         Patches per step.
     learning_rate : float

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
 from server.registry import Registry
 
@@ -98,3 +101,23 @@ def test_smoke_report_sections(smoke_run: Path) -> None:
     assert "ctfm" in report
     for stage in STAGES:
         assert f"| {stage} |" in report
+
+
+def test_smoke_starts_from_pretrained_backbone(smoke_run: Path) -> None:
+    """The preset pretrains the backbone, names it in the curriculum, and every version keeps it."""
+    curriculum = yaml.safe_load((smoke_run / "curriculum-unicon.yaml").read_text())
+    weights = Path(curriculum["model"]["pretrained"])
+    assert weights.name == "backbone.safetensors"
+    assert weights.parent.parent.resolve() == (smoke_run.parent / ".pretrained").resolve()
+    assert (weights.parent / "backbone.json").stat().st_size > 0
+
+    saved = load_file(str(weights))
+    registry = Registry(smoke_run / "registry")
+    for version in registry.versions():
+        model = registry.load_model(version)
+        assert torch.equal(model.backbone.pooled_shift, saved["unicon.pooled_shift"]), version.name
+        assert torch.equal(model.backbone.pooled_scale, saved["unicon.pooled_scale"]), version.name
+        assert torch.equal(
+            model.get_parameter("backbone.down_layers.3.1.conv2.conv.weight"),
+            saved["down_layers.3.1.conv2.conv.weight"],
+        ), version.name
