@@ -829,8 +829,8 @@ def _draw_survival(
     # scale and the shape k > 1 narrows the spread around it, so that ranks follow the
     # lesions more closely than exponential times (k = 1) would.
     event_times = rng.exponential(1.0, len(cases)) ** (1.0 / SURVIVAL_WEIBULL_SHAPE) / hazards
-    # Exponential censoring times U / c with U ~ Exp(1) drawn once; the censored share
-    # grows with the rate c, and bisection on log c makes it the target.
+    # Exponential censoring times U / c with U ~ Exp(1), drawn once. The censored share
+    # grows with the rate c, so bisection on log c makes it the target.
     unit_censoring = rng.exponential(1.0, len(cases))
     low, high = -math.log(event_times.max()) - 10.0, -math.log(event_times.min()) + 10.0
     for _ in range(60):

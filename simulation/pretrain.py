@@ -18,16 +18,16 @@ Public cohort
 Pretext tasks
     1. Tissue segmentation: a temporary decoder
        (:class:`unicon_model.heads.SegmentationHead`) predicts per voxel the phantom's
-       tissue class (air, fat, soft tissue including heart and bladder, lung, bone
-       including marrow, and nodules, the lung lesions); class-weighted Dice plus
-       cross-entropy. This mirrors CT foundation models pretrained on public anatomy
+       tissue class: air, fat, soft tissue (heart and bladder included), lung, bone
+       (marrow included) and nodule (the lung lesions). The loss is class-weighted
+       Dice plus cross-entropy. This mirrors CT foundation models pretrained on public anatomy
        segmentations; the nodule class means the cohort is annotated for nodules, as
        public lung CT collections are.
     2. Denoising: a second temporary decoder predicts the correction from a CT with
        extra noise to the noise-free CT (L1 loss, weight ``reconstruction_weight``).
-    3. Nodule size map: one encoder channel (``SIZE_MAP_CHANNEL`` of level
-       ``SIZE_MAP_LEVEL``) regresses, at each nodule voxel, log(1 + volume in ml) of
-       that nodule and 0 elsewhere (weight ``size_map_weight``). Pooled heads read it
+    3. Nodule size map: one encoder channel (``SIZE_MAP_CHANNEL`` of the levels in
+       ``SIZE_MAP_LEVELS``) regresses, at each nodule voxel, log(1 + volume in ml) of
+       that nodule and -1 elsewhere (weight ``size_map_weight``). Pooled heads read it
        through max and mean pooling; without it the pooled features of the frozen
        encoder did not separate lesion burdens (test AUC near 0.5 for the demo's
        classification task, against 0.8-0.97 with it, measured on 4 generated sites).
@@ -100,7 +100,7 @@ from simulation.generate import (
     write_json,
 )
 from unicon_model.backbone import ResBlock
-from unicon_model.heads import SegmentationHead
+from unicon_model.heads import SegmentationHead, pool_levels
 from unicon_model.log import get_logger
 from unicon_model.model import BASE_MODALITY, UniconModel
 from unicon_model.spec import BackboneConfig
@@ -132,23 +132,23 @@ for _code, _name in (
     _TISSUE_TO_CLASS[_code] = TISSUE_CLASSES.index(_name)
 
 
-# Windowed CT noise is about 0.01-0.04 (15-60 HU over a 1400 HU window); dividing the
+# Windowed CT noise is about 0.01-0.04 (15-60 HU over a 1400 HU window). Dividing the
 # L1 error by this puts the reconstruction loss on the scale of the segmentation loss.
 _RECONSTRUCTION_SCALE = 0.02
 _NODULE_CENTRED_FRACTION = 0.5
 # Loss weights of the tissue classes: the small classes (bone, nodule) weigh more so
 # that they are learned within a few hundred steps.
 _CLASS_WEIGHTS = (1.0, 2.0, 1.0, 2.0, 5.0, 10.0)
-# The nodule size map: channel SIZE_MAP_CHANNEL of encoder level SIZE_MAP_LEVEL (stride
-# 2**level) is trained so that, at nodule voxels, it holds log(1 + volume in ml of that
-# nodule) and elsewhere 0. Max pooling it gives the largest nodule, mean pooling the
-# burden, and both vary between cases by about 1, so a pooled head with a small
-# initialization can use them within a few rounds.
-SIZE_MAP_LEVELS: tuple[int, ...] = tuple(int(v) for v in os.environ.get("SML", "1").split(","))
+# The nodule size map: channel SIZE_MAP_CHANNEL of each encoder level in SIZE_MAP_LEVELS
+# (stride 2**level) is trained to equal log(1 + volume in ml of that nodule) at nodule
+# voxels and _SIZE_MAP_BACKGROUND elsewhere. Max pooling it gives the largest nodule and
+# mean pooling the burden, so a pooled head can use them within a few rounds.
+SIZE_MAP_LEVELS: tuple[int, ...] = (1,)
 SIZE_MAP_CHANNEL = 0
 # Nodule voxels weigh this much more than other voxels in the size-map loss.
 _SIZE_MAP_NODULE_WEIGHT = 20.0
-_SIZE_MAP_BACKGROUND = float(os.environ.get("SMB", "-1.0"))
+# Target outside nodules. Below zero, so the ReLU of a pooled head reads 0 there.
+_SIZE_MAP_BACKGROUND = -1.0
 # Mean squared size-map error (log ml) at which the size-map loss is 1.
 _SIZE_MAP_MSE_SCALE = 0.05
 _RMS_MOMENTUM = 0.1
@@ -294,7 +294,7 @@ class PublicVolume:
 
 @dataclass
 class PretrainResult:
-    """Where the weights and the card are, and the card's content."""
+    """Paths of the pretrained weights and their card, and the card's content."""
 
     weights: Path
     card_path: Path
@@ -311,9 +311,9 @@ def render_public_volume(settings: PretrainSettings, index: int) -> PublicVolume
     """Render public case ``index`` of the cohort seeded by ``settings.seed``.
 
     The case is drawn like a site's case (random body, lesions of either class, HU
-    offset and scale), rendered without noise on a scanner-like grid, given Gaussian
-    noise of ``settings.noise_hu`` there, and resampled (linear) to a RAS grid with
-    isotropic voxels drawn from ``settings.spacing_mm``. Tissue classes are evaluated
+    offset and scale) and rendered without noise on a scanner-like grid. It then gets
+    Gaussian noise of ``settings.noise_hu`` there and is resampled (linear) to a RAS
+    grid with isotropic voxels drawn from ``settings.spacing_mm``. Tissue classes are evaluated
     at the target voxel centres.
     """
     rng = np.random.default_rng([settings.seed, PUBLIC_COHORT_STREAM, index])
@@ -467,11 +467,10 @@ class _PretextNetwork(torch.nn.Module):
         features = self.model.backbone(self.model.stems[BASE_MODALITY](x))
         dense = torch.cat([self.tissue_decoder(features), self.denoising_decoder(features)], dim=1)
 
-        # The level is read at unit RMS (a running mean of the batch RMS), the scale
-        # standardize_levels builds into the weights at the end, so the map keeps its
-        # size relative to the channels a downstream head sees. There is no ReLU: a
-        # ReLU readout stalls at zero where its input turns negative, and the targets
-        # are non-negative, so a downstream head's ReLU keeps what is learned.
+        # The level is read at unit RMS (a running mean of the batch RMS), the scale that
+        # standardize_levels builds into the weights at the end. So the map keeps its size
+        # relative to the channels a downstream head receives. There is no ReLU here
+        # because a ReLU readout stalls at zero where its input turns negative.
         levels = [features[level] for level in SIZE_MAP_LEVELS]
         if self.training:
             rms = torch.stack([level.detach().pow(2).mean().sqrt() for level in levels])
@@ -604,11 +603,7 @@ def pooled_statistics(
         for volume in volumes:
             image = fit_to_patch(torch.from_numpy(volume.image)[None], size)[None]
             features = model.backbone(model.stems[BASE_MODALITY](image))
-            pooled: list[Tensor] = []
-            for feature in features:
-                activated = F.relu(feature).flatten(2)
-                pooled += [activated.mean(dim=2), activated.amax(dim=2)]
-            rows.append(torch.cat(pooled, dim=1)[0])
+            rows.append(pool_levels(features)[0])
     table = torch.stack(rows)  # (volumes, features)
     shift = table.mean(dim=0)
     spread = table.std(dim=0)
@@ -807,7 +802,7 @@ def cached_backbone(settings: PretrainSettings, cache_dir: Path) -> PretrainResu
 
     The entry is ``<cache_dir>/<settings.cache_key()>/``. It is reused when its card
     names the same cache key and ``backbone.safetensors`` has the SHA-256 the card
-    records; otherwise it is pretrained again and overwritten.
+    records. Otherwise the backbone is pretrained again and the entry overwritten.
     """
     folder = Path(cache_dir) / settings.cache_key()
     card = read_card(folder)

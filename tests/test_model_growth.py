@@ -213,7 +213,7 @@ def test_model_ctfm_preset_matches_monai_encoder_size() -> None:
     assert total == 77_760_992
 
 
-def test_pooled_heads_standardize_with_backbone_statistics() -> None:
+def test_pooled_head_standardizes_input() -> None:
     """Pooled heads read (pooled - shift) / scale, with the backbone's buffers."""
     model = make_model(CT_CLS, CT_SEG)
     ct = torch.rand(2, 1, 16, 16, 16)

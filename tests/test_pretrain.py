@@ -70,8 +70,8 @@ def test_pretrain_file_has_only_encoder_keys_and_statistics(pretrained: Pretrain
     )
 
 
-def test_pooled_statistics_standardize_the_public_cohort(pretrained: PretrainResult) -> None:
-    """On the cohort they were measured on, standardized pooled features have mean 0, sd <= 1."""
+def test_pooled_statistics_reproduce_on_cohort(pretrained: PretrainResult) -> None:
+    """Measuring the pooled statistics again on the same cohort gives the saved values."""
     saved = load_file(str(pretrained.weights))
     shift, scale = saved["unicon.pooled_shift"], saved["unicon.pooled_scale"]
     model = UniconModel(BackboneConfig.preset("tiny"), seed=1)
@@ -87,7 +87,7 @@ def test_pooled_statistics_standardize_the_public_cohort(pretrained: PretrainRes
     torch.testing.assert_close(again_scale, scale, atol=1e-5, rtol=1e-4)
 
 
-def test_backbone_with_statistics_of_wrong_shape_is_refused(
+def test_wrong_statistics_shape_rejected(
     pretrained: PretrainResult, tmp_path: Path
 ) -> None:
     saved = load_file(str(pretrained.weights))

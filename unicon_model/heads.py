@@ -19,6 +19,18 @@ FOREGROUND_PRIOR = 0.01
 """Initial probability of each foreground class at every voxel of a segmentation head."""
 
 
+def pool_levels(features: list[Tensor]) -> Tensor:
+    """Average- and max-pool the ReLU of every level ``(B, C_l, d_l, h_l, w_l)``.
+
+    Returns ``(B, 2 * sum(C_l))``: per level, the means of its channels, then their maxima.
+    """
+    pooled: list[Tensor] = []
+    for feature in features:
+        activated = F.relu(feature).flatten(2)  # (B, C_l, d_l * h_l * w_l)
+        pooled += [activated.mean(dim=2), activated.amax(dim=2)]
+    return torch.cat(pooled, dim=1)
+
+
 class PooledHead(nn.Module):
     """Average- and max-pool the activated features of every encoder level, then a linear layer.
 
@@ -41,7 +53,6 @@ class PooledHead(nn.Module):
 
     def __init__(self, config: BackboneConfig, num_outputs: int) -> None:
         super().__init__()
-        self.act = nn.ReLU(inplace=False)
         self.fc = nn.Linear(2 * sum(config.level_channels), num_outputs)
 
     def forward(
@@ -51,15 +62,11 @@ class PooledHead(nn.Module):
 
         ``shift`` and ``scale`` (each ``(2 * sum(C_l),)``, the backbone's pooled-feature
         statistics) standardize the pooled vector before the linear layer. Pooled
-        features of a frozen encoder differ in offset and spread by orders of magnitude;
-        uncentred, they trained a linear head to test AUC 0.70 where standardized ones
-        reached 0.78 with the same optimizer and data (demo cohort, 150 training cases).
+        features of a frozen encoder differ in offset and spread by orders of magnitude.
+        On the demo cohort (150 training cases), a linear head trained on them raw reached
+        test AUC 0.70, and 0.78 on standardized ones with the same optimizer.
         """
-        pooled: list[Tensor] = []
-        for feature in features:
-            activated = self.act(feature).flatten(2)  # (B, C_l, d_l * h_l * w_l)
-            pooled += [activated.mean(dim=2), activated.amax(dim=2)]
-        vector = torch.cat(pooled, dim=1)  # (B, 2 * sum(C_l))
+        vector = pool_levels(features)  # (B, 2 * sum(C_l))
         if shift is not None and scale is not None:
             vector = (vector - shift) / scale
         return self.fc(vector)  # (B, K)

@@ -15,8 +15,8 @@ Two layouts of MONAI 1.6 are recognized, optionally under one wrapper prefix suc
     ``layers.i.downsample.weight``  ->  ``backbone.down_layers.(i+1).0.conv.weight``
     (``N`` is 1 or 2.)
 
-Both layouts may also hold ``unicon.pooled_shift`` and ``unicon.pooled_scale``, the
-pooled-feature statistics that :mod:`simulation.pretrain` measures on its cohort; they
+Both layouts may also contain ``unicon.pooled_shift`` and ``unicon.pooled_scale``, the
+pooled-feature statistics that :mod:`simulation.pretrain` measures on its cohort. They
 are loaded into the backbone's buffers of the same names. Without them pooled heads see
 their input unchanged (shift 0, scale 1).
 
