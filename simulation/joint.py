@@ -90,6 +90,18 @@ def _request(curriculum: Curriculum, stage: Stage, model: UniconModel) -> StageR
     )
 
 
+def takes_part(epoch: int, budget: int, epochs: int) -> bool:
+    """Whether a task with ``budget`` passes takes part in ``epoch`` of ``epochs`` (0-based).
+
+    Each task gets as many passes over its pooled data as its stage's rounds x local
+    epochs in the federation, spread evenly over the joint run: a task of 12 passes in a
+    run of 40 epochs takes part in every third or fourth epoch. Giving every task the
+    longest stage's passes would make the joint baseline stronger than the federation
+    for reasons of training budget alone, and slower.
+    """
+    return (epoch + 1) * budget // epochs > epoch * budget // epochs
+
+
 def run_joint(curriculum: Curriculum, site_files: list[Path], registry_dir: Path) -> Path:
     """Train every task on the pooled data of all sites and write one registry version."""
     started = time.monotonic()
@@ -106,12 +118,16 @@ def run_joint(curriculum: Curriculum, site_files: list[Path], registry_dir: Path
         name: torch.optim.Adam(model.parameters(), lr=stages[name].settings.learning_rate)
         for name in loaders
     }
-    # As many passes over each task's pooled data as the federation's rounds x local epochs.
-    epochs = max(s.settings.rounds * s.settings.local_epochs for s in curriculum.stages)
+    budgets = {s.task.name: s.settings.rounds * s.settings.local_epochs for s in curriculum.stages}
+    epochs = max(budgets.values())
     losses: dict[str, list[float]] = {name: [] for name in loaders}
     model.train()
     for epoch in range(epochs):
-        iterators = {name: iter(loader) for name, loader in loaders.items() if loader is not None}
+        iterators = {
+            name: iter(loader)
+            for name, loader in loaders.items()
+            if loader is not None and takes_part(epoch, budgets[name], epochs)
+        }
         # Alternate tasks batch by batch so that no task comes last and overwrites the others.
         while iterators:
             for name in list(iterators):
