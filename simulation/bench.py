@@ -114,6 +114,7 @@ class BenchPlan:
     privacy_tiny: bool = False
     deployment_rounds: int = 3
     budget_s: float | None = None
+    resume: bool = False
 
     def budget_s_text(self) -> str:
         """Return the time budget as text, for notes on the page."""
@@ -1246,6 +1247,8 @@ class MethodRun:
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    reused: str | None = None
+    """When ``--resume`` read this seed back: when it finished."""
 
 
 def run_methods_seed(
@@ -1259,27 +1262,28 @@ def run_methods_seed(
     """Run ``run_preset(preset, compare=True)`` for one seed in a child process and summarize it.
 
     A run stopped at the time budget or failed part-way keeps the methods whose every
-    stage finished. Their time is then the sum of their stages' wall times.
+    stage finished. Their time is then the sum of their stages' wall times. A run that
+    finished writes `SEED_RECORD`, which `reuse_seed` reads back for ``--resume``.
     """
     import shutil
 
+    record = _seed_record(folder, preset, seed, rounds, data_dir)
+    spec = record["spec"]
     if folder.exists():
         shutil.rmtree(folder)
-    spec = {
-        "kind": "preset",
-        "preset": preset,
-        "out": str(folder / "run"),
-        "seed": seed,
-        "rounds": rounds,
-        "data": str(data_dir) if data_dir else None,
-        "compare": True,
-        "result": str(folder / "result.json"),
-    }
     logger.info("methods: preset %s, seed %d, with baselines", preset, seed)
     outcome = run_worker(spec, folder, timeout_s=min(timeout_s, WORKER_TIMEOUT_S))
     run = MethodRun(preset, seed, outcome)
     result_file = folder / "result.json"
     if outcome.ok and result_file.is_file():
+        finished = {
+            **record,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "wall_s": outcome.wall_s,
+            "peak_rss_bytes": outcome.peak_rss_bytes,
+            "peak_processes": outcome.peak_processes,
+        }
+        write_text_atomic(folder / SEED_RECORD, json.dumps(finished, indent=2, default=str))
         run.result = json.loads(result_file.read_text(encoding="utf-8"))
         registries = {k: Path(v) for k, v in run.result["registries"].items()}
         wall_times = {k: float(v) for k, v in run.result["wall_time_s"].items()}
@@ -1300,6 +1304,98 @@ def run_methods_seed(
             "with their time summed over stages (Ray start-up left out)."
         )
     run.summaries = _summaries(registries, wall_times)
+    return run
+
+
+SEED_RECORD = "seed-record.json"
+"""File of a finished method-comparison seed: its spec, code fingerprint and timing."""
+
+RESULT_PACKAGES = ("client", "server", "unicon_model", "simulation")
+"""Packages whose code decides a seed's figures (the benchmark's own modules left out)."""
+
+
+def code_fingerprint() -> str:
+    """Hash the Python sources that decide a method run's figures.
+
+    Covers every ``.py`` file of `RESULT_PACKAGES` except ``simulation/bench*.py``, which
+    only run and render the benchmark, and ``server/default_curriculum.yaml``. A seed
+    kept by ``--resume`` was measured with exactly this code.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path for package in RESULT_PACKAGES for path in (REPO_DIR / package).rglob("*.py")]
+    files += list((REPO_DIR / "server").glob("*.yaml"))
+    for path in sorted(files):
+        relative = path.relative_to(REPO_DIR).as_posix()
+        if relative.startswith("simulation/bench"):
+            continue
+        digest.update(relative.encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _seed_record(
+    folder: Path, preset: str, seed: int, rounds: int | None, data_dir: Path | None
+) -> dict[str, Any]:
+    """The settings and code fingerprint that a reused seed must match."""
+    spec = {
+        "kind": "preset",
+        "preset": preset,
+        "out": str(folder / "run"),
+        "seed": seed,
+        "rounds": rounds,
+        "data": str(data_dir) if data_dir else None,
+        "compare": True,
+        "result": str(folder / "result.json"),
+    }
+    return {"spec": spec, "code": code_fingerprint()}
+
+
+def reuse_seed(
+    folder: Path, preset: str, seed: int, rounds: int | None, data_dir: Path | None
+) -> MethodRun | None:
+    """Read back a seed that finished in ``folder`` with these settings and this code, or None."""
+    return _finished_seed(folder, _seed_record(folder, preset, seed, rounds, data_dir))
+
+
+def _finished_seed(folder: Path, record: Mapping[str, Any]) -> MethodRun | None:
+    """Read back a seed that finished with ``record``'s spec and code, or None."""
+    record_file = folder / SEED_RECORD
+    result_file = folder / "result.json"
+    if not (record_file.is_file() and result_file.is_file()):
+        return None
+    try:
+        earlier = json.loads(record_file.read_text(encoding="utf-8"))
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("methods: not reusing %s: %s", folder, error)
+        return None
+    if (
+        earlier.get("spec") != json.loads(json.dumps(record["spec"], default=str))
+        or earlier.get("code") != record["code"]
+    ):
+        logger.info(
+            "methods: %s was measured with other settings or code; running it again", folder
+        )
+        return None
+    registries = {k: Path(v) for k, v in result["registries"].items()}
+    if not all(path.is_dir() for path in registries.values()):
+        return None
+    outcome = WorkerOutcome(
+        exit_status=0,
+        wall_s=float(earlier["wall_s"]),
+        peak_rss_bytes=int(earlier["peak_rss_bytes"]),
+        peak_processes=int(earlier["peak_processes"]),
+        timed_out=False,
+        log=folder / "worker.log",
+    )
+    spec = record["spec"]
+    run = MethodRun(str(spec["preset"]), int(spec["seed"]), outcome, result=result)
+    run.summaries = _summaries(registries, {k: float(v) for k, v in result["wall_time_s"].items()})
+    run.reused = str(earlier.get("finished", "an earlier run"))
+    logger.info("methods: reusing %s, finished %s with the same code", folder, run.reused)
     return run
 
 
@@ -1411,6 +1507,12 @@ def render_methods(
         figures = aggregate_methods([r.summaries for r in good])
         tasks = list(dict.fromkeys(t for f in figures for t in f.final))
         seeds = ", ".join(str(r.seed) for r in good)
+        reused = [f"seed {r.seed} finished {r.reused}" for r in good if r.reused]
+        if reused:
+            body.append(
+                "Read back by `--resume` (same settings, same code fingerprint "
+                f"`{code_fingerprint()}`): " + "; ".join(reused) + "."
+            )
         body += [
             f"Seeds: {seeds} ({len(good)}). {_backbone_note(good[0])}",
             "",
@@ -2520,6 +2622,15 @@ def _run_methods(
     budget_notes: dict[str, list[str]] = {}
     durations: dict[str, list[float]] = {}
     for cohort, preset, seed in queue:
+        folder = plan.work_dir / "methods" / f"{preset}-seed{seed}"
+        data = plan.data_dir if preset == "adrenal" else None
+        earlier = (
+            reuse_seed(folder, preset, seed, plan.methods_rounds, data) if plan.resume else None
+        )
+        if earlier is not None:
+            runs.setdefault(cohort, []).append(earlier)
+            durations.setdefault(cohort, []).append(earlier.outcome.wall_s)
+            continue
         remaining = math.inf if deadline is None else deadline - time.monotonic()
         needed = statistics.fmean(durations[cohort]) if durations.get(cohort) else 0.0
         if remaining <= 60.0 or needed > remaining:
@@ -2528,8 +2639,6 @@ def _run_methods(
                 + (f" and a seed took {needed / 60:.0f} min" if needed else "")
             )
             continue
-        folder = plan.work_dir / "methods" / f"{preset}-seed{seed}"
-        data = plan.data_dir if preset == "adrenal" else None
         run = run_methods_seed(folder, preset, seed, plan.methods_rounds, data, timeout_s=remaining)
         runs.setdefault(cohort, []).append(run)
         durations.setdefault(cohort, []).append(run.outcome.wall_s)
@@ -2709,6 +2818,12 @@ def add_bench_command(commands: Any) -> None:
         "comparison runs last and gets fewer seeds when time runs out, as the page then states",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the method-comparison seeds that an earlier run in --out finished with the "
+        "same settings and code, and run only the others (the page names the reused seeds)",
+    )
+    parser.add_argument(
         "--sections",
         type=_sections,
         default=SECTIONS,
@@ -2754,6 +2869,7 @@ def plan_from_args(args: argparse.Namespace, command: str) -> BenchPlan:
         data_dir=args.data,
         privacy_seeds=tuple(range(args.privacy_seeds)),
         budget_s=args.budget_min * 60.0,
+        resume=args.resume,
     )
 
 

@@ -321,3 +321,61 @@ def test_finished_registries_skip_partial_methods(tmp_path: Path) -> None:
 
     # sequential stopped after one of two stages, and isolated-1 never ran.
     assert found == {"unicon": tmp_path / "registry"}
+
+
+def _finished_seed_folder(folder: Path, rounds: int | None) -> None:
+    import json
+
+    from simulation.bench import SEED_RECORD, _seed_record
+
+    folder.mkdir(parents=True)
+    record = _seed_record(folder, "demo", 1, rounds, None)
+    finished = {**record, "finished": "2026-12-05 03:00:00 UTC", "wall_s": 1234.5}
+    finished |= {"peak_rss_bytes": 7, "peak_processes": 3}
+    (folder / SEED_RECORD).write_text(json.dumps(finished), encoding="utf-8")
+    (folder / "result.json").write_text('{"registries": {}, "wall_time_s": {}}', encoding="utf-8")
+
+
+def test_resume_reads_back_a_seed_with_the_same_settings_and_code(tmp_path: Path) -> None:
+    from simulation.bench import reuse_seed
+
+    folder = tmp_path / "demo-seed1"
+    _finished_seed_folder(folder, rounds=None)
+
+    run = reuse_seed(folder, "demo", 1, None, None)
+
+    assert run is not None
+    assert (run.cohort, run.seed, run.reused) == ("demo", 1, "2026-12-05 03:00:00 UTC")
+    assert run.outcome.ok and run.outcome.wall_s == 1234.5
+    # Other settings, or no record at all, mean the seed runs again.
+    assert reuse_seed(folder, "demo", 1, 3, None) is None
+    assert reuse_seed(tmp_path / "demo-seed2", "demo", 2, None, None) is None
+
+
+def test_resume_refuses_a_seed_measured_with_other_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulation.bench as bench
+
+    folder = tmp_path / "demo-seed1"
+    _finished_seed_folder(folder, rounds=None)
+    monkeypatch.setattr(bench, "code_fingerprint", lambda: "0123456789abcdef")
+
+    assert bench.reuse_seed(folder, "demo", 1, None, None) is None
+
+
+def test_code_fingerprint_ignores_the_benchmark_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simulation.bench as bench
+
+    for relative in ("client/app.py", "simulation/joint.py", "simulation/bench.py"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("x = 1\n", encoding="utf-8")
+    monkeypatch.setattr(bench, "REPO_DIR", tmp_path)
+    first = bench.code_fingerprint()
+
+    (tmp_path / "simulation/bench.py").write_text("x = 2\n", encoding="utf-8")
+    assert bench.code_fingerprint() == first
+    (tmp_path / "simulation/joint.py").write_text("x = 2\n", encoding="utf-8")
+    assert bench.code_fingerprint() != first
