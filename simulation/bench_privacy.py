@@ -2,9 +2,16 @@
 
 The privacy settings are target epsilon 1, 4 and 8 at every site, and no DP. For each
 setting and seed, the benchmark generates the same virtual hospitals
-(``simulation.generate``) and runs the ``ct_cls`` stage of the default curriculum
-through Flower's simulation engine. It then evaluates the final model. It prints one
-table and writes ``OUT/privacy_benchmark.csv`` with one row per setting and seed.
+(``simulation.generate``) and runs the ``ct_cls`` stage through Flower's simulation
+engine. It then evaluates the final model. It prints one table and writes
+``OUT/privacy_benchmark.csv`` with one row per setting and seed.
+
+By default the sites, the stage settings and the backbone are the ``demo`` preset's:
+four hospitals of 56-72 cases, 8 rounds of 3 local epochs, and the tiny backbone
+pretrained on generated phantoms (cached in ``<parent of OUT>/.pretrained/``, as the
+presets do). Without DP this stage learns (test AUC about 0.7), so the cost of each
+epsilon can be read against it. ``--tiny`` runs the default curriculum's stage on tiny
+sites with a random backbone instead: a check that the pipeline runs, not a measurement.
 
 Two metrics are reported. ``site_auc`` is what the federation itself records: the mean
 of the sites' test AUCs, weighted by test cases, over the sites where AUC is defined.
@@ -40,6 +47,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from server.federation import StageFailed
+from simulation.presets import DEMO_CASES_PER_SITE
 from unicon_model.log import configure_logging, get_logger
 
 logger = get_logger(__name__)
@@ -66,24 +74,39 @@ class BenchRow:
     pooled_accuracy: float | None
     test_cases: int
     wall_time_s: float
+    batch_size: int = 0
+    min_train_cases: int = 0
+    """Minimum number of ``ct_cls`` training cases over the sites. Under DP-SGD, each sample of
+    that site costs the most privacy."""
 
 
-def bench_curriculum(rounds: int | None, seed: int, num_sites: int) -> dict[str, Any]:
-    """Return the default curriculum reduced to its ``ct_cls`` stage.
+def bench_curriculum(
+    rounds: int | None, seed: int, num_sites: int, demo_out: Path | None = None
+) -> dict[str, Any]:
+    """Return a curriculum reduced to its ``ct_cls`` stage.
 
-    Every site must take part in every round (``min_sites`` equals the number of
-    sites), so that a setting where a site declines fails loudly instead of averaging
-    fewer sites.
+    With ``demo_out``, it is the ``demo`` preset's curriculum for an output folder
+    ``demo_out``: the pretrained backbone (pretrained or reused from
+    ``<parent of demo_out>/.pretrained``) and the demo's rounds, local epochs and
+    learning rate. Without it, the default curriculum with a random backbone. Every
+    site must take part in every round (``min_sites`` equals the number of sites), so
+    that a setting where a site declines fails loudly instead of averaging fewer sites.
     """
     from server.curriculum import DEFAULT_CURRICULUM
+    from simulation.presets import PRESETS, PresetOptions
 
-    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CURRICULUM.read_text(encoding="utf-8"))
+    raw: dict[str, Any]
+    if demo_out is not None:
+        options = PresetOptions(out_dir=demo_out, rounds=rounds, seed=seed)
+        raw = PRESETS["demo"].curriculum(options)
+    else:
+        raw = yaml.safe_load(DEFAULT_CURRICULUM.read_text(encoding="utf-8"))
+        raw["seed"] = seed
+        if rounds is not None:
+            raw["defaults"]["rounds"] = rounds
     raw["name"] = "bench-privacy"
-    raw["seed"] = seed
     raw["stages"] = [stage for stage in raw["stages"] if stage["name"] == TASK]
     raw["defaults"]["min_sites"] = num_sites
-    if rounds is not None:
-        raw["defaults"]["rounds"] = rounds
     return raw
 
 
@@ -91,7 +114,7 @@ def prepare_sites(
     folder: Path,
     num_sites: int,
     seed: int,
-    cases_per_site: int | None,
+    cases_per_site: int | tuple[int, int] | None,
     tiny: bool,
     target_epsilon: float | None,
     delta: float,
@@ -234,7 +257,20 @@ def summarize_run(
         pooled_accuracy=accuracy,
         test_cases=cases,
         wall_time_s=round(wall_time_s, 1),
+        batch_size=int(raw["stages"][0].get("batch_size", raw["defaults"]["batch_size"])),
+        min_train_cases=min_train_cases(site_files, raw["seed"]),
     )
+
+
+def min_train_cases(site_files: Sequence[Path], seed: int) -> int:
+    """Count the ``ct_cls`` training cases of every site and return the minimum."""
+    from client.preprocess import split_counts
+    from client.site_config import load_site_config
+
+    counts = [
+        split_counts(load_site_config(path), TASK, seed=seed).get("train", 0) for path in site_files
+    ]
+    return min(counts, default=0)
 
 
 def write_rows(path: Path, rows: Sequence[BenchRow]) -> None:
@@ -336,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--delta", type=float, default=DEFAULT_DELTA, help="DP delta (default: 1e-5)"
     )
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (default: 3)")
+    parser.add_argument(
+        "--sites", type=int, default=None, help="number of sites (default: 4, or 3 with --tiny)"
+    )
     parser.add_argument(
         "--seeds", type=_parse_seeds, default=[0], help="comma-separated seeds (default: 0)"
     )
@@ -344,13 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=None, help="rounds of the stage (default: curriculum's)"
     )
     parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size of the stage, or expected batch size under DP-SGD's Poisson sampling "
+        "(default: the curriculum's)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="learning rate of the stage (default: the curriculum's)",
+    )
+    parser.add_argument(
         "--cases-per-site",
         type=int,
         default=None,
-        help="cases per generated site (default: the generator's)",
+        help="cases per generated site (default: the demo's 56-72, or the generator's with --tiny)",
     )
     parser.add_argument(
-        "--tiny", action="store_true", help="tiny generated studies, for a quick check"
+        "--tiny",
+        action="store_true",
+        help="tiny generated studies, the default curriculum's stage and a random backbone: a "
+        "quick check that the pipeline runs",
     )
     return parser
 
@@ -370,7 +424,7 @@ def run_setting(
         folder / "sites",
         args.sites,
         seed,
-        args.cases_per_site,
+        args.cases_per_site or (None if args.tiny else DEMO_CASES_PER_SITE),
         args.tiny,
         target_epsilon,
         args.delta,
@@ -391,6 +445,8 @@ def run_setting(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and write the CSV. Return the exit status."""
     args = build_parser().parse_args(argv)
+    if args.sites is None:
+        args.sites = 3 if args.tiny else 4
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     configure_logging("WARNING", log_file=out / "bench.log")
@@ -403,7 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.append(("no DP", None))
     rows: list[BenchRow] = []
     for seed in args.seeds:
-        raw = bench_curriculum(args.rounds, seed, args.sites)
+        raw = bench_curriculum(args.rounds, seed, args.sites, None if args.tiny else out)
+        for key in ("batch_size", "learning_rate"):
+            if getattr(args, key) is not None:
+                raw["stages"][0][key] = getattr(args, key)
         for label, target_epsilon in settings:
             try:
                 row = run_setting(args, out, raw, seed, label, target_epsilon)

@@ -379,3 +379,36 @@ def test_code_fingerprint_ignores_the_benchmark_modules(
     assert bench.code_fingerprint() == first
     (tmp_path / "simulation/joint.py").write_text("x = 2\n", encoding="utf-8")
     assert bench.code_fingerprint() != first
+
+
+def _privacy_rows(auc_plain: str, auc_eps8: str) -> list[dict[str, str]]:
+    common = {"seed": "0", "declined_rounds": "0", "site_auc": "", "pooled_accuracy": ""}
+    common |= {"test_cases": "50", "wall_time_s": "10", "batch_size": "4"}
+    common |= {"min_train_cases": "36", "dp_steps_per_site": "240"}
+    plain = {"setting": "no DP", "target_epsilon": "", "epsilon_spent_max": ""}
+    plain |= {"noise_multiplier_mean": "", "pooled_auc": auc_plain}
+    private = {"setting": "epsilon 8", "target_epsilon": "8.0", "epsilon_spent_max": "7.99"}
+    private |= {"noise_multiplier_mean": "1.28", "pooled_auc": auc_eps8}
+    return [common | private, common | plain]
+
+
+@pytest.mark.parametrize(
+    ("auc_plain", "auc_eps8", "verdict", "lost"),
+    [("0.776", "0.518", "**missed**", "25.8 points"), ("0.776", "0.760", "**met**", "1.6 points")],
+)
+def test_privacy_target_verdict(
+    tmp_path: Path, auc_plain: str, auc_eps8: str, verdict: str, lost: str
+) -> None:
+    from simulation.bench import WorkerOutcome, render_privacy
+
+    outcome = WorkerOutcome(0, 60.0, 0, 0, False, tmp_path / "log")
+    command = ["python", "-m", "simulation.bench_privacy", "--epsilons", "8"]
+    section = render_privacy(_privacy_rows(auc_plain, auc_eps8), command, outcome, tmp_path)
+    text = "\n".join(section.body)
+
+    target = next(line for line in section.body if line.startswith("- at most 3 AUC points"))
+    assert verdict in target
+    assert lost in target
+    # The reason, with the noise per step (1.28 / 4 = 0.32 clipping norms), only when missed.
+    assert ("0.32 clipping norms" in text) == (verdict == "**missed**")
+    assert (tmp_path / "privacy.png").read_bytes()[:8] == PNG_MAGIC
