@@ -79,7 +79,7 @@ MEMORY_TARGET_BYTES = 24 * GIB
 DEMO_TARGET_S = 600.0
 ENGINE_SHARE_TARGET = 0.25
 PRIVACY_LOSS_TARGET = 0.03
-"""Most pooled AUC lost at epsilon 8 against no DP (3 points)."""
+"""Most AUC on the union of test cases lost at epsilon 8 against no DP (3 points)."""
 BWT_TARGET_POINTS = -0.5
 SEQUENTIAL_LOSS_POINTS = -1.0
 PETCT_GAIN_POINTS = 5.0
@@ -1049,8 +1049,8 @@ def _engine_reason(points: Sequence[ScalePoint], startup_parts: Mapping[str, flo
     )
     parts.append(
         f"client compute grows with the hospitals ({compute}), so the share of the fixed "
-        "start-up falls as the federation grows, and with more rounds per stage than the "
-        "smoke curriculum's one"
+        "start-up falls as the federation grows. It would also fall with more rounds per "
+        "stage than the smoke curriculum's one"
     )
     return "- Measured reason for a missed engine target: " + "; ".join(parts) + "."
 
@@ -1319,8 +1319,8 @@ RESULT_PACKAGES = ("client", "server", "unicon_model", "simulation")
 def code_fingerprint() -> str:
     """Hash the Python sources that decide a method run's figures.
 
-    Covers every ``.py`` file of `RESULT_PACKAGES` except ``simulation/bench*.py``, which
-    only run and render the benchmark, and ``server/default_curriculum.yaml``. A seed
+    Covers every ``.py`` file of `RESULT_PACKAGES` and any YAML file in ``server/``,
+    except ``simulation/bench*.py``, which only run and render the benchmark. A seed
     kept by ``--resume`` was measured with exactly this code.
     """
     import hashlib
@@ -1374,6 +1374,7 @@ def _finished_seed(folder: Path, record: Mapping[str, Any]) -> MethodRun | None:
     except (OSError, ValueError) as error:
         logger.warning("methods: not reusing %s: %s", folder, error)
         return None
+
     if (
         earlier.get("spec") != json.loads(json.dumps(record["spec"], default=str))
         or earlier.get("code") != record["code"]
@@ -1382,9 +1383,11 @@ def _finished_seed(folder: Path, record: Mapping[str, Any]) -> MethodRun | None:
             "methods: %s was measured with other settings or code; running it again", folder
         )
         return None
+
     registries = {k: Path(v) for k, v in result["registries"].items()}
     if not all(path.is_dir() for path in registries.values()):
         return None
+
     outcome = WorkerOutcome(
         exit_status=0,
         wall_s=float(earlier["wall_s"]),
@@ -1472,8 +1475,10 @@ def render_methods(
     skipped: Mapping[str, str],
     rounds: int | None,
     assets: Path,
+    planned_seeds: Mapping[str, int] | None = None,
 ) -> SectionResult:
     """Build the methods section: one table per cohort (mean ± sd over seeds) and the targets."""
+    planned_seeds = planned_seeds or {}
     columns = ["cohort", "method", "seed", "figure", "value"]
     rows: list[dict[str, Any]] = []
     body = [
@@ -1512,6 +1517,7 @@ def render_methods(
         figures = aggregate_methods([r.summaries for r in good])
         tasks = list(dict.fromkeys(t for f in figures for t in f.final))
         seeds = ", ".join(str(r.seed) for r in good)
+        planned = planned_seeds.get(cohort, len(runs))
         reused = [f"seed {r.seed} finished {r.reused}" for r in good if r.reused]
         if reused:
             body.append(
@@ -1519,7 +1525,7 @@ def render_methods(
                 f"`{code_fingerprint()}`): " + "; ".join(reused) + "."
             )
         body += [
-            f"Seeds: {seeds} ({len(good)}). {_backbone_note(good[0])}",
+            f"Seeds run: {seeds} ({len(good)} of {planned}). {_backbone_note(good[0])}",
             "",
             "| method | "
             + " | ".join(tasks)
@@ -1658,7 +1664,8 @@ def _method_targets(
         auc = unicon.final.get("ct_cls", Spread(()))
         met = auc.mean is not None and auc.mean >= ADRENAL_AUC_TARGET
         line = (
-            f"- AdrenalMNIST3D federated test AUC >= {ADRENAL_AUC_TARGET}: {_verdict(met)} "
+            f"- AdrenalMNIST3D federated test AUC >= {ADRENAL_AUC_TARGET} "
+            f"({100 * ADRENAL_AUC_TARGET:.0f} points in the table): {_verdict(met)} "
             f"(UNICON {auc.text(scale=1.0, digits=3)})."
         )
         if not met:
@@ -1988,23 +1995,23 @@ def render_privacy(
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     seeds = sorted({row["seed"] for row in rows})
     if "--tiny" in command:
-        what = [
+        run_text = [
             "the `ct_cls` stage of the default curriculum on tiny generated sites (random",
             "backbone, a check that the pipeline runs rather than a measurement),",
         ]
     else:
-        what = [
+        run_text = [
             "the `demo` preset's `ct_cls` stage (its generated hospitals, pretrained tiny backbone,",
             "rounds, local epochs and learning rate),",
         ]
     body = [
         f"`python {shlex.join(command[1:])}` ({outcome.wall_s / 60:.1f} min):",
-        *what,
+        *run_text,
         "with DP-SGD at every site for each target epsilon (delta 1e-5), and once without DP.",
-        "Pooled AUC: on the union of all sites' test cases; site-weighted AUC: what the",
+        "Union AUC: on the union of all sites' test cases; site-weighted AUC: what the",
         "federation records. Seeds: " + ", ".join(seeds) + ".",
         "",
-        "| setting | epsilon spent (max over sites) | noise multiplier | pooled AUC | site-weighted AUC "
+        "| setting | epsilon spent (max over sites) | noise multiplier | union AUC | site-weighted AUC "
         "| pooled accuracy | declined rounds | wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -2036,7 +2043,7 @@ def render_privacy(
             "NOTE: one seed only, so differences of a few AUC points between settings are within noise.",
         ]
     plot_privacy(assets / "privacy.png", points)
-    body += ["", "![pooled AUC against epsilon](benchmarks/privacy.png)"]
+    body += ["", "![union AUC against epsilon](benchmarks/privacy.png)"]
     columns = list(rows[0].keys()) if rows else ["setting"]
     return SectionResult("privacy", body, columns, [dict(r) for r in rows])
 
@@ -2071,10 +2078,10 @@ def _privacy_reason(rows: Sequence[Mapping[str, str]]) -> str | None:
 
 
 def _privacy_target(points: Sequence[tuple[float | None, Spread]]) -> str:
-    """The epsilon-8 target: pooled AUC lost against no DP, in points, mean over seeds."""
+    """Return the epsilon-8 target line: union AUC lost against no DP, mean over seeds."""
     by_target = {target: spread for target, spread in points}
     plain, private = by_target.get(None), by_target.get(8.0)
-    label = "- at most 3 AUC points lost at epsilon 8 (pooled AUC, mean over seeds): "
+    label = "- at most 3 AUC points lost at epsilon 8 (union AUC, mean over seeds): "
     if plain is None or private is None or plain.mean is None or private.mean is None:
         return label + f"{NOT_MEASURED}the run needs both epsilon 8 and no DP with a defined AUC."
     lost = plain.mean - private.mean
@@ -2085,7 +2092,7 @@ def _privacy_target(points: Sequence[tuple[float | None, Spread]]) -> str:
 
 
 def plot_privacy(path: Path, points: Sequence[tuple[float | None, Spread]]) -> None:
-    """Pooled AUC against the target epsilon, with the run without DP as a dashed line."""
+    """Union AUC against the target epsilon, with the run without DP as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -2110,7 +2117,7 @@ def plot_privacy(path: Path, points: Sequence[tuple[float | None, Spread]]) -> N
             ax.axhline(spread.mean, linestyle="--", color="grey", label="no DP")
     ax.set_xscale("log")
     ax.set_xlabel("target epsilon per site (delta 1e-5)")
-    ax.set_ylabel("pooled test AUC (ct_cls)")
+    ax.set_ylabel("test AUC on all sites' cases (ct_cls)")
     ax.set_ylim(0.0, 1.0)
     ax.set_title("ct_cls metric against the privacy budget")
     ax.legend(fontsize=8)
@@ -2613,7 +2620,13 @@ def run_plan(plan: BenchPlan) -> Path:
         seconds["methods"] = time.monotonic() - section_start
         results["methods"] = _guarded(
             "methods",
-            lambda: render_methods(methods_runs, skipped, plan.methods_rounds, plan.assets_dir),
+            lambda: render_methods(
+                methods_runs,
+                skipped,
+                plan.methods_rounds,
+                plan.assets_dir,
+                {"demo cohort": len(plan.demo_seeds), "AdrenalMNIST3D": len(plan.adrenal_seeds)},
+            ),
         )
 
     # Scale and communication are written last, because they use the demo runs' figures.
@@ -2682,7 +2695,7 @@ def _run_methods(
         )
         return runs, {"demo cohort": reason}
     queue, skipped = _methods_queue(plan)
-    budget_notes: dict[str, list[str]] = {}
+    not_run: dict[str, list[tuple[int, float, float]]] = {}
     durations: dict[str, list[float]] = {}
     for cohort, preset, seed in queue:
         folder = plan.work_dir / "methods" / f"{preset}-seed{seed}"
@@ -2697,16 +2710,21 @@ def _run_methods(
         remaining = math.inf if deadline is None else deadline - time.monotonic()
         needed = statistics.fmean(durations[cohort]) if durations.get(cohort) else 0.0
         if remaining <= 60.0 or needed > remaining:
-            budget_notes.setdefault(cohort, []).append(
-                f"seed {seed} not run: the time budget had {max(0.0, remaining) / 60:.0f} min left"
-                + (f" and a seed took {needed / 60:.0f} min" if needed else "")
-            )
+            not_run.setdefault(cohort, []).append((seed, max(0.0, remaining), needed))
             continue
         run = run_methods_seed(folder, preset, seed, plan.methods_rounds, data, timeout_s=remaining)
         runs.setdefault(cohort, []).append(run)
         durations.setdefault(cohort, []).append(run.outcome.wall_s)
-    for cohort, notes in budget_notes.items():
-        note = "NOTE: " + "; ".join(notes) + f" (budget {plan.budget_s_text()})."
+    for cohort, missed in not_run.items():
+        seeds = ", ".join(str(seed) for seed, _, _ in missed)
+        left = max(remaining for _, remaining, _ in missed)
+        needed = max(seconds for _, _, seconds in missed)
+        note = (
+            f"NOTE: {'seed' if len(missed) == 1 else 'seeds'} {seeds} not run: when due, the "
+            f"time budget of {plan.budget_s_text()} had at most {left / 60:.0f} min left"
+            + (f", and a seed of this cohort took {needed / 60:.0f} min." if needed else ".")
+            + " `--resume` with a larger `--budget-min` runs only the missing seeds."
+        )
         if cohort in runs:
             runs[cohort][0].notes.append(note)
         else:
@@ -2722,12 +2740,19 @@ def _demo_figure(plan: BenchPlan) -> tuple[float | None, str]:
     """
     if plan.quick:
         return None, "--quick runs no demo"
-    for result_file in sorted((plan.work_dir / "methods").glob("demo-seed*/result.json")):
+    results = sorted(
+        (plan.work_dir / "methods").glob("demo-seed*/result.json"),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for result_file in results:
         result = json.loads(result_file.read_text(encoding="utf-8"))
         baselines = sum(float(v) for k, v in result["wall_time_s"].items() if k != "unicon")
+        finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result_file.stat().st_mtime))
         note = (
-            f"seed {result['seed']} of the methods section: site generation, site checks, the "
-            "UNICON federation and the report, with the baselines' time left out"
+            f"seed {result['seed']} of the methods section, finished {finished}: pretraining, "
+            "site generation, site checks, the UNICON federation and the report, with the "
+            "baselines' time left out"
         )
         rounds = result.get("rounds")
         if rounds is not None:

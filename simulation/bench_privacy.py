@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -330,26 +330,67 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _parse_epsilons(text: str) -> list[float]:
+    parts = [part.strip() for part in text.split(",")]
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in parts]
     except ValueError as error:
         raise argparse.ArgumentTypeError(
-            f"--epsilons {text!r}: expected comma-separated positive numbers, such as 1,4,8"
+            f"expected comma-separated positive numbers such as 1,4,8, found {text!r}"
         ) from error
-    if not values or any(not math.isfinite(v) or v <= 0.0 for v in values):
+    if any(not math.isfinite(v) or v <= 0.0 for v in values):
         raise argparse.ArgumentTypeError(
-            f"--epsilons {text!r}: expected comma-separated positive numbers, such as 1,4,8"
+            f"expected comma-separated positive numbers such as 1,4,8, found {text!r}"
         )
     return values
 
 
 def _parse_seeds(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in parts]
     except ValueError as error:
         raise argparse.ArgumentTypeError(
-            f"--seeds {text!r}: expected comma-separated integers, such as 0,1,2"
+            f"expected comma-separated seed values >= 0 such as 0,1,2, found {text!r}"
         ) from error
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated seed values >= 0 such as 0,1,2, found {text!r}"
+        )
+    return values
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, found {text!r}"
+            ) from error
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}") from error
+    if not math.isfinite(value) or value <= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}")
+    return value
+
+
+def _delta(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a delta between 0 and 1 (such as 1e-5), found {text!r}"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generated studies.",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench-privacy"), help="output folder"
+        "--out",
+        type=Path,
+        default=Path("runs/bench-privacy"),
+        help="output folder (default: runs/bench-privacy)",
     )
     parser.add_argument(
         "--epsilons",
@@ -370,35 +414,48 @@ def build_parser() -> argparse.ArgumentParser:
         "A run without DP is always added",
     )
     parser.add_argument(
-        "--delta", type=float, default=DEFAULT_DELTA, help="DP delta (default: 1e-5)"
+        "--delta", type=_delta, default=DEFAULT_DELTA, help="DP delta (default: 1e-5)"
     )
     parser.add_argument(
-        "--sites", type=int, default=None, help="number of sites (default: 4, or 3 with --tiny)"
+        "--sites",
+        type=_at_least(2),
+        default=None,
+        help="number of sites, at least 2 (default: 4, or 3 with --tiny)",
     )
     parser.add_argument(
-        "--seeds", type=_parse_seeds, default=[0], help="comma-separated seeds (default: 0)"
+        "--seeds",
+        type=_parse_seeds,
+        default=[0],
+        help="comma-separated seed values, such as 0,1,2 (default: 0); unlike `unicon bench "
+        "--seeds N`, these are the seeds themselves, not a count",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="rounds of the stage (default: curriculum's)"
+        "--rounds",
+        type=_at_least(1),
+        default=None,
+        help="rounds of the stage (default: the demo preset's, or the default curriculum's with "
+        "--tiny)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=_at_least(1),
         default=None,
         help="batch size of the stage, or expected batch size under DP-SGD's Poisson sampling "
-        "(default: the curriculum's)",
+        "(default: the demo preset's, or the default curriculum's with --tiny)",
     )
     parser.add_argument(
         "--learning-rate",
-        type=float,
+        type=_positive_float,
         default=None,
-        help="learning rate of the stage (default: the curriculum's)",
+        help="learning rate of the stage (default: the demo preset's, or the default "
+        "curriculum's with --tiny)",
     )
     parser.add_argument(
         "--cases-per-site",
-        type=int,
+        type=_at_least(5),
         default=None,
-        help="cases per generated site (default: the demo's 56-72, or the generator's with --tiny)",
+        help="cases per generated site, at least 5 (default: the demo's 56-72, or the "
+        "generator's with --tiny)",
     )
     parser.add_argument(
         "--tiny",

@@ -412,3 +412,30 @@ def test_privacy_target_verdict(
     # The reason, with the noise per step (1.28 / 4 = 0.32 clipping norms), only when missed.
     assert ("0.32 clipping norms" in text) == (verdict == "**missed**")
     assert (tmp_path / "privacy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--epsilons", "1,,4"], "--epsilons"),
+        (["--delta", "2"], "--delta"),
+        (["--sites", "1"], "--sites"),
+        (["--rounds", "0"], "--rounds"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--learning-rate", "nan"], "--learning-rate"),
+        (["--cases-per-site", "0"], "--cases-per-site"),
+        (["--seeds", "-1"], "--seeds"),
+    ],
+)
+def test_bench_privacy_rejects_bad_values(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulation.bench_privacy import build_parser as privacy_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        privacy_parser().parse_args(argv)
+
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert f"argument {option}:" in message
+    assert repr(argv[1]) in message
