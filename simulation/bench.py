@@ -2796,24 +2796,25 @@ def _hospitals(registry: Path) -> set[str]:
 # ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """Build an argparse type that accepts integers >= ``minimum`` and rejects the rest."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}, found {text!r}"
+            ) from error
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {text!r}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from error
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
-    return value
+_positive_int = int_at_least(1)
+_count = int_at_least(0)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -11,7 +11,8 @@ four hospitals of 56-72 cases, 8 rounds of 3 local epochs, and the tiny backbone
 pretrained on generated phantoms (cached in ``<parent of OUT>/.pretrained/``, as the
 presets do). Without DP this stage learns (test AUC about 0.7), so the cost of each
 epsilon can be read against it. ``--tiny`` runs the default curriculum's stage on tiny
-sites with a random backbone instead: a check that the pipeline runs, not a measurement.
+sites with a random backbone instead. That checks that the pipeline runs and measures
+nothing.
 
 Two metrics are reported. ``site_auc`` is what the federation itself records: the mean
 of the sites' test AUCs, weighted by test cases, over the sites where AUC is defined.
@@ -37,7 +38,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from server.federation import StageFailed
+from simulation.bench import int_at_least
 from simulation.presets import DEMO_CASES_PER_SITE
 from unicon_model.log import configure_logging, get_logger
 
@@ -85,10 +87,10 @@ def bench_curriculum(
 ) -> dict[str, Any]:
     """Return a curriculum reduced to its ``ct_cls`` stage.
 
-    With ``demo_out``, it is the ``demo`` preset's curriculum for an output folder
-    ``demo_out``: the pretrained backbone (pretrained or reused from
-    ``<parent of demo_out>/.pretrained``) and the demo's rounds, local epochs and
-    learning rate. Without it, the default curriculum with a random backbone. Every
+    With ``demo_out``, it is the ``demo`` preset's curriculum for the output folder
+    ``demo_out``, so it names the pretrained backbone and sets the demo's rounds, local
+    epochs and learning rate. The backbone is pretrained, or reused from
+    ``<parent of demo_out>/.pretrained``. Without it, the default curriculum with a random backbone. Every
     site must take part in every round (``min_sites`` equals the number of sites), so
     that a setting where a site declines fails loudly instead of averaging fewer sites.
     """
@@ -359,21 +361,6 @@ def _parse_seeds(text: str) -> list[int]:
     return values
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer >= {minimum}, found {text!r}"
-            ) from error
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {text!r}")
-        return value
-
-    return parse
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -418,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sites",
-        type=_at_least(2),
+        type=int_at_least(2),
         default=None,
         help="number of sites, at least 2 (default: 4, or 3 with --tiny)",
     )
@@ -431,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rounds",
-        type=_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="rounds of the stage (default: the demo preset's, or the default curriculum's with "
         "--tiny)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="batch size of the stage, or expected batch size under DP-SGD's Poisson sampling "
         "(default: the demo preset's, or the default curriculum's with --tiny)",
@@ -452,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cases-per-site",
-        type=_at_least(5),
+        type=int_at_least(5),
         default=None,
         help="cases per generated site, at least 5 (default: the demo's 56-72, or the "
         "generator's with --tiny)",

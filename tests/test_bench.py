@@ -336,7 +336,7 @@ def _finished_seed_folder(folder: Path, rounds: int | None) -> None:
     (folder / "result.json").write_text('{"registries": {}, "wall_time_s": {}}', encoding="utf-8")
 
 
-def test_resume_reads_back_a_seed_with_the_same_settings_and_code(tmp_path: Path) -> None:
+def test_resume_reuses_matching_seed(tmp_path: Path) -> None:
     from simulation.bench import reuse_seed
 
     folder = tmp_path / "demo-seed1"
@@ -352,9 +352,7 @@ def test_resume_reads_back_a_seed_with_the_same_settings_and_code(tmp_path: Path
     assert reuse_seed(tmp_path / "demo-seed2", "demo", 2, None, None) is None
 
 
-def test_resume_refuses_a_seed_measured_with_other_code(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_rejects_other_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import simulation.bench as bench
 
     folder = tmp_path / "demo-seed1"
@@ -364,7 +362,7 @@ def test_resume_refuses_a_seed_measured_with_other_code(
     assert bench.reuse_seed(folder, "demo", 1, None, None) is None
 
 
-def test_code_fingerprint_ignores_the_benchmark_modules(
+def test_code_fingerprint_skips_bench_modules(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import simulation.bench as bench
