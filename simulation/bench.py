@@ -1250,7 +1250,7 @@ class MethodRun:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     reused: str | None = None
-    """When ``--resume`` read this seed back: when it finished."""
+    """Finish time of a seed that ``--resume`` read back, or None for a seed run now."""
 
 
 def run_methods_seed(
@@ -1341,7 +1341,7 @@ def code_fingerprint() -> str:
 def _seed_record(
     folder: Path, preset: str, seed: int, rounds: int | None, data_dir: Path | None
 ) -> dict[str, Any]:
-    """The settings and code fingerprint that a reused seed must match."""
+    """Build the settings and code fingerprint that a reused seed must match."""
     spec = {
         "kind": "preset",
         "preset": preset,
@@ -1384,21 +1384,28 @@ def _finished_seed(folder: Path, record: Mapping[str, Any]) -> MethodRun | None:
         )
         return None
 
-    registries = {k: Path(v) for k, v in result["registries"].items()}
-    if not all(path.is_dir() for path in registries.values()):
+    try:
+        registries = {k: Path(v) for k, v in result["registries"].items()}
+        wall_times = {k: float(v) for k, v in result["wall_time_s"].items()}
+        outcome = WorkerOutcome(
+            exit_status=0,
+            wall_s=float(earlier["wall_s"]),
+            peak_rss_bytes=int(earlier["peak_rss_bytes"]),
+            peak_processes=int(earlier["peak_processes"]),
+            timed_out=False,
+            log=folder / "worker.log",
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        logger.warning("methods: not reusing %s: invalid seed record or result: %r", folder, error)
+        return None
+    missing = [str(path) for path in registries.values() if not path.is_dir()]
+    if missing:
+        logger.warning("methods: not reusing %s: registry not found: %s", folder, missing)
         return None
 
-    outcome = WorkerOutcome(
-        exit_status=0,
-        wall_s=float(earlier["wall_s"]),
-        peak_rss_bytes=int(earlier["peak_rss_bytes"]),
-        peak_processes=int(earlier["peak_processes"]),
-        timed_out=False,
-        log=folder / "worker.log",
-    )
     spec = record["spec"]
     run = MethodRun(str(spec["preset"]), int(spec["seed"]), outcome, result=result)
-    run.summaries = _summaries(registries, {k: float(v) for k, v in result["wall_time_s"].items()})
+    run.summaries = _summaries(registries, wall_times)
     run.reused = str(earlier.get("finished", "an earlier run"))
     logger.info("methods: reusing %s, finished %s with the same code", folder, run.reused)
     return run
