@@ -1682,8 +1682,28 @@ def _method_targets(
                 if f.name != "unicon"
             )
             line += f" Measured for comparison: {others}."
+            per_seed = _per_seed_text(runs, figures, "ct_cls")
+            if per_seed:
+                line += f" Per seed: {per_seed}."
         lines.append(line)
     return lines
+
+
+def _per_seed_text(runs: Sequence[MethodRun], figures: Sequence[MethodFigures], task: str) -> str:
+    """Return each method's final ``task`` metric seed by seed, or "" when a seed lacks one.
+
+    A mean below a target can come from one weak seed or from every seed; this text
+    tells the two apart on the page.
+    """
+    seeds = [run.seed for run in runs]
+    parts = []
+    for method in figures:
+        values = method.final.get(task, Spread(())).values
+        if len(values) != len(seeds):
+            return ""
+        name = method.label.split(" (")[0]
+        parts.append(f"{name} " + ", ".join(f"{v:.3f}" for v in values))
+    return f"seeds {', '.join(str(s) for s in seeds)}: " + "; ".join(parts)
 
 
 def plot_methods(

@@ -16,8 +16,11 @@ import torch
 
 from simulation.bench import (
     SECTIONS,
+    MethodRun,
     Spread,
     TreeMemorySampler,
+    WorkerOutcome,
+    _method_targets,
     aggregate_methods,
     complement,
     interval_union,
@@ -128,6 +131,28 @@ def test_aggregate_methods_over_seeds() -> None:
     assert sequential.backward_transfer.mean == pytest.approx(-0.15)
     assert sequential.max_forgetting.values == (0.3, 0.1)
     assert sequential.bytes_total.mean == pytest.approx(1000.0)
+
+
+def test_adrenal_miss_lists_every_seed(tmp_path: Path) -> None:
+    per_seed = [
+        [
+            _summary("unicon", {"ct_cls": auc}, None, {}),
+            _summary("joint", {"ct_cls": 0.84}, None, {}),
+        ]
+        for auc in (0.857, 0.799, 0.83)
+    ]
+    outcome = WorkerOutcome(0, 1.0, 0, 1, False, tmp_path / "worker.log")
+    runs = [MethodRun("AdrenalMNIST3D", seed, outcome) for seed in (0, 1, 2)]
+
+    lines = _method_targets("AdrenalMNIST3D", runs, aggregate_methods(per_seed))
+
+    assert len(lines) == 1
+    assert "**missed**" in lines[0]
+    assert "0.829 ± 0.029" in lines[0]
+    assert (
+        "Per seed: seeds 0, 1, 2: unicon 0.857, 0.799, 0.830; joint 0.840, 0.840, 0.840."
+        in lines[0]
+    )
 
 
 def test_page_keeps_sections_between_runs(tmp_path: Path) -> None:
