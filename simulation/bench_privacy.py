@@ -90,9 +90,10 @@ def bench_curriculum(
     With ``demo_out``, it is the ``demo`` preset's curriculum for the output folder
     ``demo_out``, so it names the pretrained backbone and sets the demo's rounds, local
     epochs and learning rate. The backbone is pretrained, or reused from
-    ``<parent of demo_out>/.pretrained``. Without it, the default curriculum with a random backbone. Every
-    site must take part in every round (``min_sites`` equals the number of sites), so
-    that a setting where a site declines fails loudly instead of averaging fewer sites.
+    ``<parent of demo_out>/.pretrained``. Without it, the default curriculum with a
+    random backbone. Every site must take part in every round (``min_sites`` equals the
+    number of sites), so that a setting where a site declines fails loudly instead of
+    averaging fewer sites.
     """
     from server.curriculum import DEFAULT_CURRICULUM
     from simulation.presets import PRESETS, PresetOptions
